@@ -1,0 +1,1 @@
+"""agent part of hivenode (see DESIGN.md)."""

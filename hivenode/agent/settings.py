@@ -1,0 +1,172 @@
+"""The node's configuration: one model, read from a TOML file, then `HIVENODE_*`, then flags."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+from hivenode.protocol.advert import Role
+
+CONFIG_ENV = "HIVENODE_CONFIG"
+SYSTEM_CONFIG = Path("/etc/hivenode/config.toml")
+
+
+class ConfigError(Exception):
+    """Invalid configuration; the message names the key and the file."""
+
+
+class GossipSettings(BaseModel):
+    """GossipSub parameters. py-libp2p's defaults (120 s heartbeat, 10 msg/s per forwarder)
+    silently stall or drop a swarm's adverts, so these are sized for our traffic."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    degree: int = Field(6, ge=1)
+    degree_low: int = Field(4, ge=1)
+    degree_high: int = Field(
+        64, ge=1, description="a bootstrap node meshes with up to this many peers before pruning"
+    )
+    heartbeat_interval: float = Field(1.0, gt=0)
+    max_messages_per_topic_per_second: float = Field(
+        1000.0,
+        gt=0,
+        description="per forwarding peer: a hub relays every origin's adverts, so this is "
+        "high; per-origin limits are enforced on the records themselves",
+    )
+
+
+class Settings(BaseSettings):
+    """Everything a node can be told. Field names are the TOML keys."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="HIVENODE_", env_nested_delimiter="__", extra="forbid", validate_default=True
+    )
+
+    state_dir: Path | None = Field(None, description="keys, registry, checkpoints")
+    runtime_dir: Path | None = Field(None, description="the control socket")
+    listen_addrs: list[str] = Field(default_factory=lambda: ["/ip4/0.0.0.0/tcp/4001"])
+    bootstrap_peers: list[str] = Field(default_factory=list)
+    mdns: bool = False
+    psk: str | None = Field(None, description="64 hex chars: join only a private swarm")
+    roles: list[Role] = Field(default_factory=lambda: [Role.TRAINER, Role.INFERENCE])
+    advert_period: float = Field(30.0, ge=1, description="minimum seconds between adverts")
+    advert_deliveries_per_s: float = Field(
+        2.0,
+        gt=0,
+        description="adverts a node should receive per second from the whole swarm; the "
+        "period stretches to peers / this, so gossip cost stays flat as the swarm grows",
+    )
+    advert_ttl_periods: float = Field(3.0, ge=1.5, description="advert TTL in periods")
+    ping_period: float = Field(15.0, gt=0)
+    request_timeout: float = Field(10.0, gt=0)
+    shutdown_timeout: float = Field(8.0, gt=0)
+    metrics_enabled: bool = True
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = Field(9464, ge=0, le=65535)
+    log_level: str = "INFO"
+    gossip: GossipSettings = Field(default_factory=GossipSettings)  # type: ignore[arg-type]
+
+    @field_validator("psk")
+    @classmethod
+    def _psk_is_hex(cls, value: str | None) -> str | None:
+        if value is not None and (len(value) != 64 or not _is_hex(value)):
+            raise ValueError("must be 64 hexadecimal characters (a 32-byte key)")
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        if value.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+            raise ValueError("must be DEBUG, INFO, WARNING or ERROR")
+        return value.upper()
+
+
+def config_path(explicit: Path | None = None) -> Path | None:
+    """The TOML file to read: --config, then $HIVENODE_CONFIG, then the default paths."""
+    if explicit is not None:
+        return explicit
+    if env := os.environ.get(CONFIG_ENV):
+        return Path(env)
+    for candidate in _default_config_paths():
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _default_config_paths() -> list[Path]:
+    paths = []
+    if conf := os.environ.get("CONFIGURATION_DIRECTORY"):  # systemd ConfigurationDirectory=
+        paths.append(Path(conf.split(":")[0]) / "config.toml")
+    from platformdirs import user_config_path
+
+    paths += [user_config_path("hivenode") / "config.toml", SYSTEM_CONFIG]
+    return paths
+
+
+def load_settings(path: Path | None = None, **flags: Any) -> Settings:
+    """Read the file (if any), the environment and the flags; raise ConfigError naming the key."""
+    source = config_path(path)
+    file_values: dict[str, Any] = {}
+    if source is not None:
+        try:
+            file_values = tomllib.loads(source.read_text(encoding="utf-8"))
+        except FileNotFoundError as exc:
+            raise ConfigError(f"config file not found: {source}") from exc
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read {source}: {exc}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{source}: invalid TOML: {exc}") from exc
+    given = {k: v for k, v in flags.items() if v is not None}
+    try:
+        return _with_file_below_env(file_values)(**given)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        key = ".".join(str(p) for p in first["loc"])
+        where = _origin_of(key, given, source)
+        raise ConfigError(f"invalid config value for '{key}' ({where}): {first['msg']}") from exc
+
+
+def _with_file_below_env(file_values: dict[str, Any]) -> type[Settings]:
+    """A Settings subclass whose lowest-priority source is the TOML file's values."""
+    from pydantic_settings import InitSettingsSource
+
+    class FileBackedSettings(Settings):
+        @classmethod
+        def settings_customise_sources(
+            cls,
+            settings_cls: type[BaseSettings],
+            init_settings: PydanticBaseSettingsSource,
+            env_settings: PydanticBaseSettingsSource,
+            dotenv_settings: PydanticBaseSettingsSource,
+            file_secret_settings: PydanticBaseSettingsSource,
+        ) -> tuple[PydanticBaseSettingsSource, ...]:
+            return (init_settings, env_settings, InitSettingsSource(settings_cls, file_values))
+
+    return FileBackedSettings
+
+
+def _origin_of(key: str, flags: dict[str, Any], source: Path | None) -> str:
+    top = key.split(".")[0]
+    if top in flags:
+        return "command-line flag"
+    env = "HIVENODE_" + key.replace(".", "__").upper()
+    if env in os.environ or f"HIVENODE_{top.upper()}" in os.environ:
+        return f"environment {env}"
+    return f"file {source}" if source else "default"
+
+
+def _is_hex(value: str) -> bool:
+    try:
+        bytes.fromhex(value)
+    except ValueError:
+        return False
+    return True

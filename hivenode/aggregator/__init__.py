@@ -1,0 +1,1 @@
+"""aggregator part of hivenode (see DESIGN.md)."""

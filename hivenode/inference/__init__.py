@@ -1,0 +1,1 @@
+"""inference part of hivenode (see DESIGN.md)."""

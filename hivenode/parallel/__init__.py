@@ -1,0 +1,1 @@
+"""parallel part of hivenode (see DESIGN.md)."""

@@ -1,0 +1,1 @@
+"""planner part of hivenode (see DESIGN.md)."""

@@ -1,0 +1,1 @@
+"""protocol part of hivenode (see DESIGN.md)."""

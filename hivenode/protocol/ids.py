@@ -1,0 +1,13 @@
+"""Protocol ids, gossip topics and the wire version: the names peers agree on."""
+
+from typing import Final
+
+WIRE_VERSION: Final = 1
+"""Major version of the envelope format; a peer rejects any other with a ProtocolError."""
+
+STATUS_PROTOCOL: Final = "/hivenode/status/1.0.0"
+PEER_TABLE_PROTOCOL: Final = "/hivenode/peers/1.0.0"
+
+ADVERTS_TOPIC: Final = "hivenode/adverts/1"
+QTABLE_TOPIC: Final = "hivenode/qtable/1"
+JOBS_TOPIC: Final = "hivenode/jobs/1"

@@ -1,0 +1,1 @@
+"""sim part of hivenode (see DESIGN.md)."""

@@ -1,0 +1,1 @@
+"""strategies part of hivenode (see DESIGN.md)."""
