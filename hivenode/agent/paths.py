@@ -1,19 +1,24 @@
-"""Where a node keeps its state and its control socket, under systemd or as a user."""
+"""Where a node keeps its state and its control socket, under systemd or as a user.
+
+Deliberately free of pydantic: the CLI's client commands resolve the socket path from here
+and must start in well under 300 ms.
+"""
 
 from __future__ import annotations
 
 import os
+import tomllib
 from pathlib import Path
 
-from hivenode.agent.settings import Settings
-
 SOCKET_NAME = "control.sock"
+CONFIG_ENV = "HIVENODE_CONFIG"
+SYSTEM_CONFIG = Path("/etc/hivenode/config.toml")
 
 
-def state_dir(settings: Settings) -> Path:
+def state_dir(configured: Path | None) -> Path:
     """`state_dir` from config, else systemd's $STATE_DIRECTORY, else the user state dir."""
-    if settings.state_dir is not None:
-        return settings.state_dir
+    if configured is not None:
+        return configured
     if env := os.environ.get("STATE_DIRECTORY"):
         return Path(env.split(":")[0])
     from platformdirs import user_state_path
@@ -21,10 +26,10 @@ def state_dir(settings: Settings) -> Path:
     return user_state_path("hivenode")
 
 
-def runtime_dir(settings: Settings) -> Path:
+def runtime_dir(configured: Path | None) -> Path:
     """`runtime_dir` from config, else $RUNTIME_DIRECTORY, else the user runtime dir."""
-    if settings.runtime_dir is not None:
-        return settings.runtime_dir
+    if configured is not None:
+        return configured
     if env := os.environ.get("RUNTIME_DIRECTORY"):
         return Path(env.split(":")[0])
     from platformdirs import user_runtime_path
@@ -32,5 +37,40 @@ def runtime_dir(settings: Settings) -> Path:
     return user_runtime_path("hivenode")
 
 
-def control_socket(settings: Settings) -> Path:
-    return runtime_dir(settings) / SOCKET_NAME
+def config_path(explicit: Path | None = None) -> Path | None:
+    """The TOML file to read: --config, then $HIVENODE_CONFIG, then the default paths."""
+    if explicit is not None:
+        return explicit
+    if env := os.environ.get(CONFIG_ENV):
+        return Path(env)
+    for candidate in _default_config_paths():
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _default_config_paths() -> list[Path]:
+    paths = []
+    if conf := os.environ.get("CONFIGURATION_DIRECTORY"):  # systemd ConfigurationDirectory=
+        paths.append(Path(conf.split(":")[0]) / "config.toml")
+    from platformdirs import user_config_path
+
+    return [*paths, user_config_path("hivenode") / "config.toml", SYSTEM_CONFIG]
+
+
+def client_socket_path(config: Path | None, flag: Path | None = None) -> Path:
+    """The daemon's control socket as a client finds it, with the daemon's own precedence
+    (flag, then HIVENODE_RUNTIME_DIR, then the file) but reading only that one key."""
+    if flag is not None:
+        return flag / SOCKET_NAME
+    if env := os.environ.get("HIVENODE_RUNTIME_DIR"):
+        return Path(env) / SOCKET_NAME
+    source = config_path(config)
+    configured = None
+    if source is not None and source.is_file():
+        try:
+            value = tomllib.loads(source.read_text(encoding="utf-8")).get("runtime_dir")
+        except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError):
+            value = None  # the daemon reports a broken file; the client just looks by default
+        configured = Path(value) if isinstance(value, str) else None
+    return runtime_dir(configured) / SOCKET_NAME

@@ -14,14 +14,10 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from hivenode.agent.errors import ConfigError
+from hivenode.agent.paths import config_path
 from hivenode.protocol.advert import Role
 
-CONFIG_ENV = "HIVENODE_CONFIG"
-SYSTEM_CONFIG = Path("/etc/hivenode/config.toml")
-
-
-class ConfigError(Exception):
-    """Invalid configuration; the message names the key and the file."""
 
 
 class GossipSettings(BaseModel):
@@ -88,28 +84,6 @@ class Settings(BaseSettings):
         if value.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
             raise ValueError("must be DEBUG, INFO, WARNING or ERROR")
         return value.upper()
-
-
-def config_path(explicit: Path | None = None) -> Path | None:
-    """The TOML file to read: --config, then $HIVENODE_CONFIG, then the default paths."""
-    if explicit is not None:
-        return explicit
-    if env := os.environ.get(CONFIG_ENV):
-        return Path(env)
-    for candidate in _default_config_paths():
-        if candidate.is_file():
-            return candidate
-    return None
-
-
-def _default_config_paths() -> list[Path]:
-    paths = []
-    if conf := os.environ.get("CONFIGURATION_DIRECTORY"):  # systemd ConfigurationDirectory=
-        paths.append(Path(conf.split(":")[0]) / "config.toml")
-    from platformdirs import user_config_path
-
-    paths += [user_config_path("hivenode") / "config.toml", SYSTEM_CONFIG]
-    return paths
 
 
 def load_settings(path: Path | None = None, **flags: Any) -> Settings:

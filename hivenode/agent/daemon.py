@@ -1,0 +1,102 @@
+"""`hivenode run`: the node, its control API, metrics, signals and systemd notifications."""
+
+from __future__ import annotations
+
+import logging
+import signal
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from hivenode.agent import paths
+from hivenode.agent.control import ApiError, ControlApi, Request
+from hivenode.agent.errors import RpcError
+from hivenode.agent.hardware import HardwareProbe
+from hivenode.agent.identity import load_or_create_identity
+from hivenode.agent.metrics import Metrics
+from hivenode.agent.node import Node
+from hivenode.agent.settings import Settings
+from hivenode.agent.systemd import SystemdNotifier
+
+log = logging.getLogger(__name__)
+
+STATUS_PERIOD = 10.0
+
+
+def build_control_api(node: Node) -> ControlApi:
+    """The read-only endpoints of issue #2; later parts add their own routes."""
+    api = ControlApi()
+
+    async def status(request: Request, params: dict[str, str]) -> Any:
+        return node.status()
+
+    async def peers(request: Request, params: dict[str, str]) -> Any:
+        return node.peers()
+
+    async def hardware(request: Request, params: dict[str, str]) -> Any:
+        return node.status()["hardware"]
+
+    async def remote_status(request: Request, params: dict[str, str]) -> Any:
+        peer_id = params["peer_id"]
+        if peer_id == node.peer_id:
+            return node.status()
+        try:
+            return dict(await node.remote_status(peer_id))
+        except RpcError as exc:
+            status = 504 if exc.code == "timeout" else 502
+            raise ApiError(status, f"peer {peer_id}: {exc.message}") from exc
+
+    api.route("GET", "/v1/status", status)
+    api.route("GET", "/v1/peers", peers)
+    api.route("GET", "/v1/hardware", hardware)
+    api.route("GET", "/v1/peers/{peer_id}/status", remote_status)
+    return api
+
+
+async def run_daemon(settings: Settings) -> None:
+    """Run until SIGTERM/SIGINT, then leave cleanly within `settings.shutdown_timeout`."""
+    state_dir = paths.state_dir(settings.state_dir)
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    key_pair = load_or_create_identity(state_dir)
+    metrics = Metrics()
+    node = Node(settings, key_pair, HardwareProbe(state_dir), metrics)
+    notifier = SystemdNotifier()
+    socket_path = socket_path_for(settings)
+    if settings.metrics_enabled:
+        metrics.serve(settings.metrics_host, settings.metrics_port)
+
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(node.run)
+            await nursery.start(build_control_api(node).serve, socket_path)
+            nursery.start_soon(_systemd_loop, node, notifier)
+            notifier.ready()
+            log.info(
+                "hivenode %s listening on %s; control socket %s",
+                node.peer_id,
+                ", ".join(node.swarm.listen_addrs()),
+                socket_path,
+            )
+            async for signum in signals:
+                log.info("received %s: shutting down", signal.Signals(signum).name)
+                break
+            notifier.stopping()
+            nursery.cancel_scope.deadline = trio.current_time() + settings.shutdown_timeout
+            node.stop()
+            await node.wait_stopped()
+            nursery.cancel_scope.cancel()
+
+
+async def _systemd_loop(node: Node, notifier: SystemdNotifier) -> None:
+    """Pet the watchdog and keep systemd's STATUS line current."""
+    interval = notifier.watchdog_interval()
+    period = min(STATUS_PERIOD, interval) if interval else STATUS_PERIOD
+    while True:
+        notifier.watchdog()
+        notifier.status(f"{len(node.peer_table)} peers, {len(node.connected_peers())} connections")
+        await trio.sleep(period)
+
+
+def socket_path_for(settings: Settings) -> Path:
+    return paths.runtime_dir(settings.runtime_dir) / paths.SOCKET_NAME

@@ -1,0 +1,453 @@
+"""The node agent: one libp2p host, its adverts, its peer table and its request handlers."""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from hivenode import __version__
+from hivenode.agent import rpc
+from hivenode.agent.adverts import advert_period, sequence_numbers
+from hivenode.agent.errors import RpcError
+from hivenode.agent.gossip import GossipMessage, drain_topic, verify_signed
+from hivenode.agent.hardware import HardwareProbe, probe_load
+from hivenode.agent.host import SwarmHost, running_host
+from hivenode.agent.metrics import Metrics
+from hivenode.agent.peer_table import PeerTable, Update
+from hivenode.agent.settings import Settings
+from hivenode.protocol.advert import Advert, Hardware
+from hivenode.protocol.errors import ProtocolError
+from hivenode.protocol.ids import ADVERTS_TOPIC, PEER_TABLE_PROTOCOL, STATUS_PROTOCOL
+from hivenode.protocol.limits import CONTROL_LIMITS, Limits
+from hivenode.protocol.message import Message
+
+if TYPE_CHECKING:
+    from libp2p.crypto.keys import KeyPair
+
+log = logging.getLogger(__name__)
+
+PEER_TABLE_LIMITS = Limits(max_header_bytes=16 * 1024**2, max_tensors=0, max_total_bytes=0)
+"""A peer table of a few thousand adverts; still bounded so a hostile peer cannot balloon it."""
+
+ADVERT_CHECK_PERIOD = 5.0
+"""How often the node looks for a change worth re-announcing at once (roles, GPUs, models)."""
+MIN_ADVERT_SPACING = 1.0
+"""No origin's adverts are accepted, nor ours sent, more often than this."""
+MESH_WAIT = 5.0
+"""How long a joiner waits for a gossip mesh before its first advert (else it reaches nobody)."""
+BOOTSTRAP_RETRY = 10.0
+
+
+@dataclass
+class NodeState:
+    """What the node knows of itself between loop iterations."""
+
+    started_at: float = field(default_factory=time.time)
+    last_advert: Advert | None = None
+    last_advert_at: float = 0.0
+    bootstrap_reached: set[str] = field(default_factory=set)
+    signed_adverts: dict[str, bytes] = field(default_factory=dict)
+    """Origin → the signed gossip message that carried its newest advert, ours included."""
+
+
+class Node:
+    """A hivenode agent. `run()` serves until `stop()` or cancellation."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        key_pair: KeyPair,
+        probe: HardwareProbe,
+        metrics: Metrics | None = None,
+    ) -> None:
+        from hivenode.agent.identity import peer_id_of
+
+        self.settings = settings
+        self.key_pair = key_pair
+        self.peer_id = peer_id_of(key_pair)
+        self.probe = probe
+        self.metrics = metrics or Metrics()
+        self.peer_table = PeerTable(self.peer_id)
+        self.state = NodeState()
+        self.running_tasks = 0
+        self._seq = sequence_numbers()
+        self._swarm: SwarmHost | None = None
+        self._stop = trio.Event()
+        self._stopped = trio.Event()
+        self._advert_now = trio.Event()
+        self._hardware: Hardware | None = None
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    @property
+    def swarm(self) -> SwarmHost:
+        if self._swarm is None:
+            raise RuntimeError("the node is not running")
+        return self._swarm
+
+    @property
+    def running(self) -> bool:
+        return self._swarm is not None
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Start the host, join the swarm, advertise; `task_status.started()` once listening."""
+        try:
+            await self._run(task_status)
+        finally:
+            self._swarm = None
+            self._stopped.set()
+
+    async def _run(self, task_status: Any) -> None:
+        self._hardware = await trio.to_thread.run_sync(self.probe.refresh)
+        async with running_host(
+            self.key_pair,
+            self.settings.listen_addrs,
+            self.settings.gossip,
+            psk=self.settings.psk,
+            mdns=self.settings.mdns,
+        ) as swarm:
+            self._swarm = swarm
+            self._register_handlers()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(drain_topic, swarm, ADVERTS_TOPIC, self._on_advert)
+                nursery.start_soon(self._expire_loop)
+                nursery.start_soon(self._ping_loop)
+                task_status.started(self)
+                await self._join()
+                nursery.start_soon(self._advert_loop)
+                nursery.start_soon(self._bootstrap_loop)
+                await self._stop.wait()
+                nursery.cancel_scope.cancel()
+        log.info("node %s stopped", self.peer_id)
+
+    # --- joining ---------------------------------------------------------------------------
+
+    async def _join(self) -> None:
+        """Dial the bootstrap peers, fetch their peer tables, then announce ourselves."""
+        async with trio.open_nursery() as nursery:
+            for addr in self.settings.bootstrap_peers:
+                nursery.start_soon(self._join_one, addr)
+        if self.state.bootstrap_reached:
+            await self._wait_for_mesh()
+        self._advert_now.set()
+
+    async def _join_one(self, addr: str) -> None:
+        try:
+            peer_id = await self.connect(addr)
+        except RpcError as exc:
+            log.warning("bootstrap peer %s unreachable: %s", addr, exc.message)
+            return
+        self.state.bootstrap_reached.add(peer_id)
+        try:
+            merged = await self.fetch_peer_table(peer_id)
+        except RpcError as exc:
+            log.warning("could not fetch the peer table of %s: %s", peer_id, exc)
+            return
+        log.info("joined through %s: %d peers learned from its table", peer_id, merged)
+
+    async def _wait_for_mesh(self) -> None:
+        with trio.move_on_after(MESH_WAIT):
+            while not self.swarm.gossipsub.mesh.get(ADVERTS_TOPIC):
+                await trio.sleep(0.05)
+
+    async def _bootstrap_loop(self) -> None:
+        """Re-dial bootstrap peers when every connection to them is gone (a hub restarted)."""
+        while True:
+            await trio.sleep(BOOTSTRAP_RETRY * random.uniform(0.8, 1.2))
+            if not self.settings.bootstrap_peers or self.connected_peers():
+                continue
+            log.info("no connections left; re-dialling the bootstrap peers")
+            await self._join()
+
+    async def connect(self, addr: str) -> str:
+        """Dial a `/…/p2p/<id>` multiaddr; returns the peer id."""
+        import multiaddr
+        from libp2p.peer.peerinfo import info_from_p2p_addr
+
+        try:
+            info = info_from_p2p_addr(multiaddr.Multiaddr(addr))
+        except Exception as exc:
+            raise RpcError("bad_address", f"{addr} is not a /…/p2p/<peer id> address: {exc}") from exc
+        try:
+            with trio.fail_after(self.settings.request_timeout):
+                await self.swarm.host.connect(info)
+        except trio.TooSlowError as exc:
+            raise RpcError("timeout", f"dialling {addr} timed out") from exc
+        except Exception as exc:
+            raise RpcError("unreachable", f"{addr}: {type(exc).__name__}: {exc}") from exc
+        return str(info.peer_id)
+
+    def connected_peers(self) -> list[str]:
+        return [str(p) for p in self.swarm.host.get_network().connections]
+
+    # --- adverts ---------------------------------------------------------------------------
+
+    def current_period(self) -> float:
+        return advert_period(
+            len(self.peer_table), self.settings.advert_period, self.settings.advert_deliveries_per_s
+        )
+
+    def build_advert(self, hardware: Hardware) -> Advert:
+        period = self.current_period()
+        return Advert(
+            origin=self.peer_id,
+            seq=next(self._seq),
+            timestamp=time.time(),
+            ttl=period * self.settings.advert_ttl_periods,
+            agent_version=__version__,
+            roles=tuple(self.settings.roles),
+            addrs=tuple(self.swarm.listen_addrs()),
+            hardware=hardware,
+            load=probe_load(self.running_tasks),
+        )
+
+    async def _advert_loop(self) -> None:
+        """Announce at once when something changed, else once per (swarm-sized) period."""
+        while True:
+            with trio.move_on_after(ADVERT_CHECK_PERIOD):
+                await self._advert_now.wait()
+            self._advert_now = trio.Event()
+            self._hardware = await trio.to_thread.run_sync(self.probe.refresh)
+            advert = self.build_advert(self._hardware)
+            last, since = self.state.last_advert, time.monotonic() - self.state.last_advert_at
+            jittered = self.current_period() * random.uniform(0.85, 1.0)
+            if last is not None and last.same_content(advert) and since < jittered:
+                continue
+            if since < MIN_ADVERT_SPACING:
+                await trio.sleep(MIN_ADVERT_SPACING - since)
+            await self.swarm.pubsub.publish(ADVERTS_TOPIC, advert.to_wire())
+            self.state.last_advert, self.state.last_advert_at = advert, time.monotonic()
+            self.metrics.adverts_sent.inc()
+
+    def announce(self) -> None:
+        """Publish an advert now (something in it changed)."""
+        self._advert_now.set()
+
+    def _on_advert(self, message: GossipMessage) -> None:
+        if message.origin == self.peer_id:  # our own, signed: what joiners fetch from us
+            self.state.signed_adverts[self.peer_id] = message.signed
+            return
+        self._accept_advert(message, where="gossip")
+
+    def _accept_advert(self, message: GossipMessage, where: str) -> bool:
+        try:
+            advert = Advert.from_wire(message.data)
+        except ProtocolError as exc:
+            log.warning("bad advert from %s: %s", message.origin, exc.reason)
+            self.metrics.reject(where, "malformed")
+            return False
+        if advert.origin != message.origin:
+            log.warning("advert for %s signed by %s: forged", advert.origin, message.origin)
+            self.metrics.reject(where, "forged")
+            return False
+        held = self.peer_table.get(advert.origin)
+        if held and time.time() - held.received_at < MIN_ADVERT_SPACING and where == "gossip":
+            self.metrics.reject(where, "rate")
+            return False
+        outcome = self.peer_table.offer(advert)
+        if outcome in (Update.NEW, Update.NEWER):
+            self.state.signed_adverts[advert.origin] = message.signed
+            self._remember_addrs(advert)
+            self.metrics.adverts_received.inc()
+            self.metrics.peers.set(len(self.peer_table))
+            if outcome is Update.NEW:
+                log.info("peer joined: %s (%d peers)", advert.origin, len(self.peer_table))
+            return True
+        self.metrics.reject(where, outcome.value)
+        return False
+
+    def _remember_addrs(self, advert: Advert) -> None:
+        import multiaddr
+        from libp2p.peer.id import ID
+
+        addrs = []
+        for text in advert.addrs:
+            try:
+                addrs.append(multiaddr.Multiaddr(text.split("/p2p/")[0]))
+            except Exception:
+                continue
+        if addrs:
+            self.swarm.host.get_peerstore().add_addrs(
+                ID.from_base58(advert.origin), addrs, int(advert.ttl)
+            )
+
+    async def _expire_loop(self) -> None:
+        while True:
+            await trio.sleep(1.0)
+            for peer_id in self.peer_table.expire():
+                self.state.signed_adverts.pop(peer_id, None)
+                log.info("peer left (advert expired): %s", peer_id)
+            self.metrics.peers.set(len(self.peer_table))
+            self.metrics.connections.set(len(self.connected_peers()))
+
+    # --- RTT -------------------------------------------------------------------------------
+
+    async def _ping_loop(self) -> None:
+        """Measure RTT to the peers we hold connections to (dialling everyone costs N²)."""
+        while True:
+            await trio.sleep(self.settings.ping_period * random.uniform(0.8, 1.2))
+            for peer_id in self.connected_peers():
+                if peer_id in self.peer_table:
+                    with trio.move_on_after(self.settings.request_timeout):
+                        await self.measure_rtt(peer_id)
+
+    async def measure_rtt(self, peer_id: str) -> float | None:
+        """One libp2p ping round trip, in seconds (None when the peer does not answer)."""
+        from libp2p.custom_types import TProtocol
+        from libp2p.host.ping import ID as PING_ID
+        from libp2p.host.ping import perform_ping_roundtrip
+        from libp2p.peer.id import ID
+
+        stream = None
+        try:
+            stream = await self.swarm.host.new_stream(ID.from_base58(peer_id), [TProtocol(PING_ID)])
+            start = time.perf_counter()
+            await perform_ping_roundtrip(stream)
+            rtt = time.perf_counter() - start
+        except Exception as exc:
+            log.debug("ping %s failed: %r", peer_id, exc)
+            return None
+        finally:
+            if stream is not None:
+                await rpc._close_quietly(stream)
+        self.peer_table.set_rtt(peer_id, rtt)
+        return rtt
+
+    # --- requests --------------------------------------------------------------------------
+
+    def _register_handlers(self) -> None:
+        server = rpc.RpcServer(
+            self.swarm.host,
+            self.peer_id,
+            self.settings.request_timeout,
+            on_reject=lambda protocol, code: self.metrics.reject(protocol, code),
+        )
+        server.register(STATUS_PROTOCOL, self._serve_status, CONTROL_LIMITS)
+        server.register(PEER_TABLE_PROTOCOL, self._serve_peer_table, CONTROL_LIMITS)
+
+    async def _serve_status(self, request: Message, caller: str) -> Mapping[str, Any]:
+        self._expect(request, "status")
+        self.metrics.requests.labels(protocol="status").inc()
+        return self.status()
+
+    async def _serve_peer_table(self, request: Message, caller: str) -> Mapping[str, Any]:
+        self._expect(request, "peer_table")
+        self.metrics.requests.labels(protocol="peer_table").inc()
+        return {"adverts": list(self.state.signed_adverts.values())}
+
+    @staticmethod
+    def _expect(request: Message, method: str) -> None:
+        if request.type != method:
+            raise RpcError("unknown_method", f"expected {method!r}, got {request.type!r}")
+
+    async def fetch_peer_table(self, peer_id: str) -> int:
+        """Merge `peer_id`'s table into ours, keeping only adverts whose signatures verify."""
+        reply = await rpc.request(
+            self.swarm.host,
+            peer_id,
+            PEER_TABLE_PROTOCOL,
+            "peer_table",
+            timeout=self.settings.request_timeout,
+            limits=PEER_TABLE_LIMITS,
+        )
+        signed = reply.body.get("adverts")
+        if not isinstance(signed, list):
+            raise RpcError("bad_reply", f"{peer_id} sent a peer table without adverts")
+        merged = 0
+        for item in signed:
+            message = verify_signed(item, ADVERTS_TOPIC) if isinstance(item, bytes) else None
+            if message is None:
+                self.metrics.reject("peer_table", "bad_signature")
+                continue
+            if message.origin != self.peer_id:
+                merged += self._accept_advert(message, where="peer_table")
+        return merged
+
+    async def remote_status(self, peer_id: str) -> Mapping[str, Any]:
+        reply = await rpc.request(
+            self.swarm.host,
+            peer_id,
+            STATUS_PROTOCOL,
+            "status",
+            timeout=self.settings.request_timeout,
+            limits=CONTROL_LIMITS,
+        )
+        return reply.body
+
+    # --- views -----------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        now = time.time()
+        connected = self.connected_peers() if self._swarm else []
+        since_advert = (
+            time.monotonic() - self.state.last_advert_at if self.state.last_advert else None
+        )
+        return {
+            "peer_id": self.peer_id,
+            "agent_version": __version__,
+            "addrs": self.swarm.listen_addrs() if self._swarm else [],
+            "roles": [r.value for r in self.settings.roles],
+            "uptime_s": round(now - self.state.started_at, 3),
+            "peers": len(self.peer_table),
+            "connections": len(connected),
+            "advert_period_s": round(self.current_period(), 3),
+            "hardware": self._hardware.model_dump(mode="json") if self._hardware else None,
+            "load": probe_load(self.running_tasks).model_dump(mode="json"),
+            "health": self._health(connected, since_advert),
+        }
+
+    def _health(self, connected: list[str], since_advert: float | None) -> list[dict[str, Any]]:
+        wanted = len(self.settings.bootstrap_peers)
+        reached = len(self.state.bootstrap_reached)
+        period = self.current_period()
+        return [
+            {
+                "check": "swarm",
+                "ok": bool(connected) or wanted == 0,
+                "detail": f"{len(connected)} connections, {len(self.peer_table)} peers known",
+            },
+            {
+                "check": "bootstrap",
+                "ok": wanted == 0 or reached > 0,
+                "detail": f"reached {reached} of {wanted} bootstrap peers",
+            },
+            {
+                "check": "adverts",
+                "ok": since_advert is not None and since_advert < 2 * period + ADVERT_CHECK_PERIOD,
+                "detail": "none sent yet"
+                if since_advert is None
+                else f"last sent {since_advert:.0f} s ago (period {period:.0f} s)",
+            },
+        ]
+
+    def peers(self) -> list[dict[str, Any]]:
+        now = time.time()
+        rows = []
+        for entry in self.peer_table.entries():
+            advert = entry.advert
+            rows.append(
+                {
+                    "peer_id": advert.origin,
+                    "addrs": list(advert.addrs),
+                    "roles": [r.value for r in advert.roles],
+                    "agent_version": advert.agent_version,
+                    "hardware": advert.hardware.model_dump(mode="json"),
+                    "load": advert.load.model_dump(mode="json"),
+                    "rtt_ms": None if entry.rtt_s is None else round(entry.rtt_s * 1000, 3),
+                    "last_seen_s": round(now - entry.received_at, 3),
+                    "expires_in_s": round(entry.received_at + advert.ttl - now, 3),
+                }
+            )
+        return rows

@@ -1,0 +1,178 @@
+"""Request/response over libp2p streams: one request and one reply per stream.
+
+A request is a protocol `Message`; the reply is a Message of type `ok` or `error` with the same
+request id. A handler that raises, or a request that does not decode, is answered with an
+error and the server keeps serving: one bad peer must not take a handler down.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+import trio
+
+from hivenode.agent.errors import RpcError
+from hivenode.protocol.errors import ProtocolError
+from hivenode.protocol.limits import DEFAULT_LIMITS, Limits
+from hivenode.protocol.message import Message
+from hivenode.protocol.streams import read_message, write_message
+
+log = logging.getLogger(__name__)
+
+OK = "ok"
+ERROR = "error"
+
+Handler = Callable[[Message, str], Awaitable[Message | Mapping[str, Any]]]
+"""Takes the request and the caller's peer id; returns a body (or a whole reply Message)."""
+
+RejectHook = Callable[[str, str], None]
+"""Called with (protocol id, reason) for every request answered with an error."""
+
+_request_ids = itertools.count(1)
+
+
+class StreamAdapter:
+    """Presents a libp2p stream as the wire layer's ByteStream (b"" at EOF)."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    async def read(self, n: int) -> bytes:
+        from libp2p.network.stream.exceptions import StreamEOF
+
+        try:
+            data: bytes = await self._stream.read(n)
+        except StreamEOF:
+            return b""
+        return data
+
+    async def write(self, data: bytes) -> None:
+        await self._stream.write(data)
+
+
+def error_reply(request: Message | None, sender: str, code: str, message: str) -> Message:
+    return Message(
+        type=ERROR,
+        request_id=request.request_id if request else 0,
+        sender=sender,
+        body={"code": code, "message": message},
+    )
+
+
+class RpcServer:
+    """Registers request handlers on a libp2p host."""
+
+    def __init__(
+        self,
+        host: Any,
+        own_peer_id: str,
+        request_timeout: float,
+        on_reject: RejectHook | None = None,
+    ) -> None:
+        self._host = host
+        self._own_peer_id = own_peer_id
+        self._request_timeout = request_timeout
+        self._on_reject = on_reject
+
+    def register(self, protocol_id: str, handler: Handler, limits: Limits = DEFAULT_LIMITS) -> None:
+        from libp2p.custom_types import TProtocol
+
+        async def on_stream(stream: Any) -> None:
+            await self._serve_one(protocol_id, handler, limits, stream)
+
+        self._host.set_stream_handler(TProtocol(protocol_id), on_stream)
+
+    async def _serve_one(
+        self, protocol_id: str, handler: Handler, limits: Limits, stream: Any
+    ) -> None:
+        caller = str(stream.muxed_conn.peer_id)
+        adapter = StreamAdapter(stream)
+        request: Message | None = None
+        try:
+            with trio.fail_after(self._request_timeout):
+                try:
+                    request = await read_message(adapter, limits)
+                    reply = await self._dispatch(handler, request, caller)
+                except ProtocolError as exc:
+                    reply = self._reject(protocol_id, caller, request, "bad_request", exc.reason)
+                except RpcError as exc:
+                    reply = self._reject(protocol_id, caller, request, exc.code, exc.message)
+                except Exception as exc:
+                    log.exception("handler for %s failed on a request from %s", protocol_id, caller)
+                    reply = self._reject(protocol_id, caller, request, "internal", repr(exc))
+                await write_message(adapter, reply)
+        except trio.TooSlowError:
+            self._reject(protocol_id, caller, request, "timeout", "request not completed in time")
+        except Exception as exc:  # the caller went away mid-reply: nothing left to answer
+            log.debug("stream %s from %s broke: %r", protocol_id, caller, exc)
+        finally:
+            with trio.move_on_after(1):
+                await _close_quietly(stream)
+
+    async def _dispatch(self, handler: Handler, request: Message, caller: str) -> Message:
+        result = await handler(request, caller)
+        if isinstance(result, Message):
+            return result
+        return Message(type=OK, request_id=request.request_id, sender=self._own_peer_id, body=result)
+
+    def _reject(
+        self, protocol_id: str, caller: str, request: Message | None, code: str, message: str
+    ) -> Message:
+        log.warning("rejected a %s request from %s: %s: %s", protocol_id, caller, code, message)
+        if self._on_reject is not None:
+            self._on_reject(protocol_id, code)
+        return error_reply(request, self._own_peer_id, code, message)
+
+
+async def request(
+    host: Any,
+    peer_id: str,
+    protocol_id: str,
+    method: str,
+    body: Mapping[str, Any] | None = None,
+    *,
+    timeout: float,
+    limits: Limits = DEFAULT_LIMITS,
+) -> Message:
+    """Send one request to `peer_id` and return its `ok` reply; raise RpcError otherwise."""
+    from libp2p.custom_types import TProtocol
+    from libp2p.peer.id import ID
+
+    sender = str(host.get_id())
+    message = Message(type=method, request_id=next(_request_ids), sender=sender, body=body or {})
+    stream = None
+    try:
+        with trio.fail_after(timeout):
+            stream = await host.new_stream(ID.from_base58(peer_id), [TProtocol(protocol_id)])
+            adapter = StreamAdapter(stream)
+            await write_message(adapter, message)
+            reply = await read_message(adapter, limits)
+    except trio.TooSlowError as exc:
+        raise RpcError("timeout", f"{peer_id} did not answer {protocol_id} in {timeout:g} s") from exc
+    except ProtocolError as exc:
+        raise RpcError("bad_reply", f"{peer_id} answered garbage: {exc.reason}") from exc
+    except RpcError:
+        raise
+    except Exception as exc:  # libp2p raises a zoo of dial/stream errors
+        raise RpcError("unreachable", f"{peer_id}: {type(exc).__name__}: {exc}") from exc
+    finally:
+        if stream is not None:
+            with trio.move_on_after(1):
+                await _close_quietly(stream)
+    if reply.request_id != message.request_id:
+        raise RpcError("bad_reply", f"{peer_id} answered request {reply.request_id}, not ours")
+    if reply.type == ERROR:
+        raise RpcError(str(reply.body.get("code", "error")), str(reply.body.get("message", "")))
+    if reply.type != OK:
+        raise RpcError("bad_reply", f"{peer_id} answered with unknown type {reply.type!r}")
+    return reply
+
+
+async def _close_quietly(stream: Any) -> None:
+    try:
+        await stream.close()
+    except Exception as exc:
+        log.debug("closing a stream failed: %r", exc)

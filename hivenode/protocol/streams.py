@@ -1,0 +1,99 @@
+"""Reading and writing messages on a byte stream, without depending on libp2p's stream type.
+
+Every loop here either makes progress or raises, so only a stream that never delivers bytes
+can stall a read; callers bound that with a trio timeout.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Final, Protocol
+
+from hivenode.protocol.errors import ProtocolError
+from hivenode.protocol.limits import DEFAULT_LIMITS, Limits
+from hivenode.protocol.message import (
+    HEADER_PREFIX_BYTES,
+    Message,
+    build_tensors,
+    encode_message,
+    header_length,
+    parse_header,
+)
+
+READ_CHUNK_BYTES: Final = 1024 * 1024
+"""Most bytes asked of the stream in one read."""
+
+WRITE_CHUNK_BYTES: Final = 4 * 1024 * 1024
+"""Most bytes handed to the stream in one write; smaller parts are joined up to this."""
+
+
+class ByteStream(Protocol):
+    """The part of a libp2p stream the wire layer uses."""
+
+    async def read(self, n: int) -> bytes:
+        """Up to `n` bytes; fewer is allowed, b"" means the stream has ended."""
+        ...
+
+    async def write(self, data: bytes) -> None: ...
+
+
+async def read_into(stream: ByteStream, buffer: bytearray | memoryview) -> None:
+    """Fill `buffer` from `stream`, in reads of at most READ_CHUNK_BYTES."""
+    view = memoryview(buffer).cast("B")
+    filled = 0
+    while filled < len(view):
+        wanted = min(len(view) - filled, READ_CHUNK_BYTES)
+        chunk = await stream.read(wanted)
+        if not chunk:
+            raise ProtocolError(f"stream ended after {filled} of {len(view)} bytes")
+        if len(chunk) > wanted:
+            raise ProtocolError(f"stream returned {len(chunk)} bytes when asked for {wanted}")
+        view[filled : filled + len(chunk)] = chunk
+        filled += len(chunk)
+
+
+async def read_exactly(stream: ByteStream, n: int) -> bytes:
+    """Exactly `n` bytes from `stream`; a ProtocolError if it ends first."""
+    buffer = bytearray(n)
+    await read_into(stream, buffer)
+    return bytes(buffer)
+
+
+async def read_message(stream: ByteStream, limits: Limits = DEFAULT_LIMITS) -> Message:
+    """Read one message; its arrays are writable views over one buffer holding all tensors.
+
+    Each length the peer declares is checked against `limits` before it is read or allocated.
+    """
+    length = header_length(await read_exactly(stream, HEADER_PREFIX_BYTES), limits)
+    header = parse_header(await read_exactly(stream, length), limits)
+    payload = bytearray(header.tensor_bytes)
+    await read_into(stream, payload)
+    return header.to_message(build_tensors(header.tensors, payload))
+
+
+async def write_message(stream: ByteStream, msg: Message) -> None:
+    """Write `msg` in writes of at most WRITE_CHUNK_BYTES."""
+    for chunk in _chunks(encode_message(msg), WRITE_CHUNK_BYTES):
+        await stream.write(chunk)
+
+
+def _chunks(parts: Iterable[bytes | memoryview], size: int) -> Iterator[bytes]:
+    """The bytes of `parts` in order, cut into pieces of at most `size`.
+
+    Small neighbouring parts are joined so a message of small tensors is one write; a full
+    piece of a large part goes out on its own, copied only once into the bytes the stream takes.
+    """
+    pending = bytearray()
+    for part in parts:
+        view = memoryview(part).cast("B")
+        for start in range(0, len(view), size):
+            piece = view[start : start + size]
+            if len(pending) + len(piece) > size:
+                yield bytes(pending)
+                pending.clear()
+            if len(piece) == size:
+                yield bytes(piece)
+            else:
+                pending += piece
+    if pending:
+        yield bytes(pending)
