@@ -112,7 +112,7 @@ class HardwareProbe:
         self._hardware = old.model_copy(
             update={
                 "memory": old.memory.model_copy(update={"available_bytes": memory.available}),
-                "disk_free_bytes": old.disk_free_bytes,
+                "disk_free_bytes": _disk_free_bytes(self.disk_path),
                 "gpus": _refresh_gpu_free(old.gpus),
             }
         )
