@@ -46,21 +46,30 @@ async def drain_topic(swarm: SwarmHost, topic: str, handler: GossipHandler) -> N
         handler(GossipMessage(str(origin), message.data, message.SerializeToString()))
 
 
-def verify_signed(signed: bytes, topic: str) -> GossipMessage | None:
-    """Re-check a pubsub message handed on by a third party: its signature and its topic."""
+def peek_signed(signed: bytes, topic: str) -> tuple[GossipMessage, object] | None:
+    """Parse a signed pubsub message without checking its signature (cheap)."""
     from libp2p.peer.id import ID
     from libp2p.pubsub.pb import rpc_pb2
-    from libp2p.pubsub.validators import signature_validator
 
     try:
         message = rpc_pb2.Message.FromString(signed)
+        origin = str(ID(message.from_id))
     except Exception:
         return None
     if topic not in message.topicIDs or not message.signature:
         return None
-    try:
-        if not signature_validator(message):
-            return None
-    except Exception:
+    return GossipMessage(origin, message.data, signed), message
+
+
+def verify_signed(signed: bytes, topic: str) -> GossipMessage | None:
+    """Re-check a pubsub message handed on by a third party: its signature and its topic."""
+    from libp2p.pubsub.validators import signature_validator
+
+    peeked = peek_signed(signed, topic)
+    if peeked is None:
         return None
-    return GossipMessage(str(ID(message.from_id)), message.data, signed)
+    try:
+        valid = signature_validator(peeked[1])
+    except Exception:
+        valid = False
+    return peeked[0] if valid else None

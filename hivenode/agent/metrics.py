@@ -46,6 +46,10 @@ class Metrics:
             {"version": __version__}
         )
 
+    def value(self, sample: str, **labels: str) -> float:
+        """Current value of one sample (0 before the first increment)."""
+        return self.registry.get_sample_value(sample, labels) or 0.0
+
     def reject(self, where: str, reason: str) -> None:
         self.rejected.labels(where=where, reason=reason).inc()
 

@@ -15,7 +15,7 @@ from hivenode import __version__
 from hivenode.agent import rpc
 from hivenode.agent.adverts import advert_period, sequence_numbers
 from hivenode.agent.errors import RpcError
-from hivenode.agent.gossip import GossipMessage, drain_topic, verify_signed
+from hivenode.agent.gossip import GossipMessage, drain_topic, peek_signed, verify_signed
 from hivenode.agent.hardware import HardwareProbe, probe_load
 from hivenode.agent.host import SwarmHost, running_host
 from hivenode.agent.metrics import Metrics
@@ -42,6 +42,8 @@ MIN_ADVERT_SPACING = 1.0
 MESH_WAIT = 5.0
 """How long a joiner waits for a gossip mesh before its first advert (else it reaches nobody)."""
 BOOTSTRAP_RETRY = 10.0
+DIAL_ADDR_TTL = 120
+FIRST_PULL_DELAY = 5.0
 
 
 @dataclass
@@ -105,6 +107,12 @@ class Node:
         """Start the host, join the swarm, advertise; `task_status.started()` once listening."""
         try:
             await self._run(task_status)
+        except* Exception as group:
+            if not self._stop.is_set():
+                raise
+            # py-libp2p's services race each other on the way down ("Nursery is closed to
+            # new arrivals"); once we chose to stop, that is noise, not a failure
+            log.debug("libp2p raised while shutting down: %r", group.exceptions)
         finally:
             self._swarm = None
             self._stopped.set()
@@ -128,6 +136,7 @@ class Node:
                 await self._join()
                 nursery.start_soon(self._advert_loop)
                 nursery.start_soon(self._bootstrap_loop)
+                nursery.start_soon(self._anti_entropy_loop)
                 await self._stop.wait()
                 nursery.cancel_scope.cancel()
         log.info("node %s stopped", self.peer_id)
@@ -170,6 +179,23 @@ class Node:
                 continue
             log.info("no connections left; re-dialling the bootstrap peers")
             await self._join()
+
+    async def _anti_entropy_loop(self) -> None:
+        """Now and then pull a connected peer's table: whatever gossip lost (queues that
+        overflowed, a mesh not formed yet) comes back. While pulls keep bringing news (the
+        swarm is forming) the next one comes soon; once they bring nothing, once a period."""
+        await trio.sleep(FIRST_PULL_DELAY)
+        while True:
+            merged = 0
+            connected = [p for p in self.connected_peers() if p in self.peer_table]
+            if connected:
+                peer_id = random.choice(connected)
+                try:
+                    merged = await self.fetch_peer_table(peer_id)
+                except RpcError as exc:
+                    log.debug("anti-entropy pull from %s failed: %s", peer_id, exc)
+            delay = FIRST_PULL_DELAY if merged else self.current_period()
+            await trio.sleep(delay * random.uniform(0.5, 1.0))
 
     async def connect(self, addr: str) -> str:
         """Dial a `/…/p2p/<id>` multiaddr; returns the peer id."""
@@ -259,7 +285,6 @@ class Node:
         outcome = self.peer_table.offer(advert)
         if outcome in (Update.NEW, Update.NEWER):
             self.state.signed_adverts[advert.origin] = message.signed
-            self._remember_addrs(advert)
             self.metrics.adverts_received.inc()
             self.metrics.peers.set(len(self.peer_table))
             if outcome is Update.NEW:
@@ -268,20 +293,27 @@ class Node:
         self.metrics.reject(where, outcome.value)
         return False
 
-    def _remember_addrs(self, advert: Advert) -> None:
+    def make_dialable(self, peer_id: str) -> None:
+        """Give libp2p the advertised addresses of a peer we are about to dial.
+
+        Only then: py-libp2p's auto-connector dials every peer in its peerstore until it
+        holds about 200 connections, so filling the peerstore from adverts turned a 100-node
+        swarm into a full mesh of 9,900 connections whose handshakes starved the event loop.
+        """
         import multiaddr
         from libp2p.peer.id import ID
 
+        entry = self.peer_table.get(peer_id)
+        if entry is None:
+            return
         addrs = []
-        for text in advert.addrs:
+        for text in entry.advert.addrs:
             try:
                 addrs.append(multiaddr.Multiaddr(text.split("/p2p/")[0]))
             except Exception:
                 continue
         if addrs:
-            self.swarm.host.get_peerstore().add_addrs(
-                ID.from_base58(advert.origin), addrs, int(advert.ttl)
-            )
+            self.swarm.host.get_peerstore().add_addrs(ID.from_base58(peer_id), addrs, DIAL_ADDR_TTL)
 
     async def _expire_loop(self) -> None:
         while True:
@@ -367,15 +399,30 @@ class Node:
             raise RpcError("bad_reply", f"{peer_id} sent a peer table without adverts")
         merged = 0
         for item in signed:
-            message = verify_signed(item, ADVERTS_TOPIC) if isinstance(item, bytes) else None
+            peeked = peek_signed(item, ADVERTS_TOPIC) if isinstance(item, bytes) else None
+            if peeked is not None and not self._is_news(peeked[0]):
+                continue  # skip the costly signature check for what we already hold
+            message = verify_signed(item, ADVERTS_TOPIC) if peeked is not None else None
             if message is None:
                 self.metrics.reject("peer_table", "bad_signature")
                 continue
-            if message.origin != self.peer_id:
-                merged += self._accept_advert(message, where="peer_table")
+            merged += self._accept_advert(message, where="peer_table")
         return merged
 
+    def _is_news(self, message: GossipMessage) -> bool:
+        """Would this advert be new or newer here? (Garbage counts as news: the full path
+        logs and counts it.)"""
+        if message.origin == self.peer_id:
+            return False
+        try:
+            advert = Advert.from_wire(message.data)
+        except ProtocolError:
+            return True
+        held = self.peer_table.get(message.origin)
+        return held is None or held.advert.seq < advert.seq
+
     async def remote_status(self, peer_id: str) -> Mapping[str, Any]:
+        self.make_dialable(peer_id)
         reply = await rpc.request(
             self.swarm.host,
             peer_id,
@@ -403,6 +450,10 @@ class Node:
             "peers": len(self.peer_table),
             "connections": len(connected),
             "advert_period_s": round(self.current_period(), 3),
+            "adverts": {
+                "sent": self.metrics.value("hivenode_adverts_sent_total"),
+                "received": self.metrics.value("hivenode_adverts_received_total"),
+            },
             "hardware": self._hardware.model_dump(mode="json") if self._hardware else None,
             "load": probe_load(self.running_tasks).model_dump(mode="json"),
             "health": self._health(connected, since_advert),

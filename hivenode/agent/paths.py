@@ -13,6 +13,8 @@ from pathlib import Path
 SOCKET_NAME = "control.sock"
 CONFIG_ENV = "HIVENODE_CONFIG"
 SYSTEM_CONFIG = Path("/etc/hivenode/config.toml")
+SYSTEM_RUNTIME_DIR = Path("/run/hivenode")
+"""Where systemd's RuntimeDirectory=hivenode puts the socket of the system service."""
 
 
 def state_dir(configured: Path | None) -> Path:
@@ -73,4 +75,8 @@ def client_socket_path(config: Path | None, flag: Path | None = None) -> Path:
         except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError):
             value = None  # the daemon reports a broken file; the client just looks by default
         configured = Path(value) if isinstance(value, str) else None
-    return runtime_dir(configured) / SOCKET_NAME
+    own = runtime_dir(configured) / SOCKET_NAME
+    system = SYSTEM_RUNTIME_DIR / SOCKET_NAME
+    if configured is None and not own.exists() and system.exists():
+        return system  # an admin's shell asking the system service
+    return own

@@ -144,3 +144,8 @@ def _is_hex(value: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def config_template() -> str:
+    """The commented example config that `hivenode init` writes (also deploy/'s example)."""
+    return Path(__file__).with_name("config.example.toml").read_text(encoding="utf-8")

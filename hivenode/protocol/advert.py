@@ -75,6 +75,20 @@ class Advert(Record):
     """Names of the models this node serves for inference."""
 
     def same_content(self, other: Advert) -> bool:
-        """True when only the refresh fields (seq, time, load) differ: no need to re-announce."""
-        skip = {"seq", "timestamp", "load", "ttl"}
-        return self.model_dump(exclude=skip) == other.model_dump(exclude=skip)
+        """True when only gauges changed (load, free memory, free disk): such changes wait
+        for the next periodic advert instead of going out at once."""
+        return self._identity() == other._identity()
+
+    def _identity(self) -> dict[str, object]:
+        gauges = {
+            "seq": True,
+            "timestamp": True,
+            "ttl": True,
+            "load": True,
+            "hardware": {
+                "memory": {"available_bytes"},
+                "disk_free_bytes": True,
+                "gpus": {"__all__": {"memory_free_bytes"}},
+            },
+        }
+        return self.model_dump(exclude=gauges)
