@@ -70,20 +70,20 @@ def show_peers(console: Console, peers: list[dict[str, Any]]) -> None:
     if not peers:
         console.print("no peers known yet")
         return
-    table = Table(title=f"{len(peers)} peers")
-    for column in ("peer", "address", "roles", "hardware", "load", "RTT", "last seen"):
-        table.add_column(column)
+    table = Table(title=f"{len(peers)} peers", box=None, header_style="bold")
+    for column in ("peer", "address", "roles", "hardware", "load", "RTT", "seen"):
+        table.add_column(column, no_wrap=True)
     for peer in peers:
         addrs = peer.get("addrs") or ["-"]
         rtt = peer.get("rtt_ms")
         table.add_row(
             _short(peer["peer_id"]),
-            addrs[0].split("/p2p/")[0],
+            _host_port(addrs[0]),
             ",".join(peer.get("roles", [])),
-            hardware_summary(peer.get("hardware")),
-            f"{(peer.get('load') or {}).get('cpu_percent', 0):.0f} %",
-            "-" if rtt is None else f"{rtt:.1f} ms",
-            f"{peer.get('last_seen_s', 0):.0f} s ago",
+            _compact_hardware(peer.get("hardware")),
+            f"{(peer.get('load') or {}).get('cpu_percent', 0):.0f}%",
+            "-" if rtt is None else f"{rtt:.1f}ms",
+            f"{peer.get('last_seen_s', 0):.0f}s",
         )
     console.print(table)
 
@@ -116,5 +116,24 @@ def show_hardware(console: Console, hardware: dict[str, Any]) -> None:
     console.print(table)
 
 
+def _compact_hardware(hardware: dict[str, Any] | None) -> str:
+    if not hardware:
+        return "-"
+    cpu, memory = hardware.get("cpu", {}), hardware.get("memory", {})
+    gpus = hardware.get("gpus", [])
+    cores = cpu.get("affinity_cores") or cpu.get("logical_cores", "?")
+    ram = human_bytes(memory.get("total_bytes")).replace(" GiB", "G").replace(" MiB", "M")
+    return f"{cores}c {ram}" + (f" {len(gpus)}GPU" if gpus else "")
+
+
+def _host_port(multiaddr: str) -> str:
+    """`/ip4/1.2.3.4/tcp/4001/p2p/…` → `1.2.3.4:4001` (other shapes shown as they are)."""
+    parts = multiaddr.split("/")
+    if len(parts) >= 5 and parts[1] in ("ip4", "ip6", "dns", "dns4", "dns6") and parts[3] == "tcp":
+        return f"{parts[2]}:{parts[4]}"
+    return multiaddr.split("/p2p/")[0]
+
+
 def _short(peer_id: str) -> str:
-    return peer_id if len(peer_id) <= 16 else f"{peer_id[:8]}…{peer_id[-6:]}"
+    """The tail of a peer id: ed25519 ids all begin `12D3KooW`, so the end tells them apart."""
+    return peer_id if len(peer_id) <= 12 else f"…{peer_id[-10:]}"

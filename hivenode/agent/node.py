@@ -84,6 +84,7 @@ class Node:
         self._stopped = trio.Event()
         self._advert_now = trio.Event()
         self._hardware: Hardware | None = None
+        self._nursery: trio.Nursery | None = None
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -129,6 +130,7 @@ class Node:
             self._swarm = swarm
             self._register_handlers()
             async with trio.open_nursery() as nursery:
+                self._nursery = nursery
                 nursery.start_soon(drain_topic, swarm, ADVERTS_TOPIC, self._on_advert)
                 nursery.start_soon(self._expire_loop)
                 nursery.start_soon(self._ping_loop)
@@ -289,6 +291,7 @@ class Node:
             self.metrics.peers.set(len(self.peer_table))
             if outcome is Update.NEW:
                 log.info("peer joined: %s (%d peers)", advert.origin, len(self.peer_table))
+                self._first_rtt(advert.origin)
             return True
         self.metrics.reject(where, outcome.value)
         return False
@@ -334,6 +337,11 @@ class Node:
                 if peer_id in self.peer_table:
                     with trio.move_on_after(self.settings.request_timeout):
                         await self.measure_rtt(peer_id)
+
+    def _first_rtt(self, peer_id: str) -> None:
+        """A newcomer we hold a connection to gets its RTT now, not a ping period later."""
+        if self._nursery is not None and peer_id in self.connected_peers():
+            self._nursery.start_soon(self.measure_rtt, peer_id)
 
     async def measure_rtt(self, peer_id: str) -> float | None:
         """One libp2p ping round trip, in seconds (None when the peer does not answer)."""
