@@ -92,7 +92,9 @@ def status(
 
 
 @app.command()
-def peers(config: ConfigOpt = None, runtime_dir: RuntimeDirOpt = None, as_json: JsonOpt = False) -> None:
+def peers(
+    config: ConfigOpt = None, runtime_dir: RuntimeDirOpt = None, as_json: JsonOpt = False
+) -> None:
     """The peer table: every peer's address, roles, hardware, RTT and last advert."""
     result = _ask_daemon(config, runtime_dir, "/v1/peers")
     if as_json:
@@ -144,7 +146,9 @@ def init(
         fail(f"{target} already exists; pass --force to overwrite it")
     template = config_template()
     if state_dir is not None:
-        template = template.replace("# state_dir = ", f'state_dir = "{state_dir}"\n# state_dir = ', 1)
+        template = template.replace(
+            "# state_dir = ", f'state_dir = "{state_dir}"\n# state_dir = ', 1
+        )
     try:
         atomic_write(target, template.encode(), mode=0o644)
         settings = _load_settings(target)
@@ -209,7 +213,9 @@ def sim_swarm(
         bool, typer.Option("--processes", help="One OS process per node instead of one loop.")
     ] = False,
     seed: Annotated[int, typer.Option("--seed")] = 0,
-    timeout: Annotated[float, typer.Option("--timeout", help="Give up after this many seconds.")] = 300.0,
+    timeout: Annotated[
+        float, typer.Option("--timeout", help="Give up after this many seconds.")
+    ] = 300.0,
     as_json: JsonOpt = False,
 ) -> None:
     """Start N real nodes on 127.0.0.1, wait until every peer table holds all N, report."""

@@ -35,11 +35,12 @@ def hardware_summary(hardware: dict[str, Any] | None) -> str:
         return "-"
     cpu, memory = hardware.get("cpu", {}), hardware.get("memory", {})
     gpus = hardware.get("gpus", [])
-    gpu_text = ", ".join(f"{g.get('name', 'gpu')} {human_bytes(g.get('memory_total_bytes'))}" for g in gpus)
+    gpu_text = ", ".join(
+        f"{g.get('name', 'gpu')} {human_bytes(g.get('memory_total_bytes'))}" for g in gpus
+    )
     return (
         f"{cpu.get('affinity_cores') or cpu.get('logical_cores', '?')} cores, "
-        f"{human_bytes(memory.get('total_bytes'))} RAM, "
-        + (gpu_text or "no GPU")
+        f"{human_bytes(memory.get('total_bytes'))} RAM, " + (gpu_text or "no GPU")
     )
 
 
@@ -52,7 +53,9 @@ def show_status(console: Console, status: dict[str, Any]) -> None:
     table.add_row("addresses", "\n".join(status.get("addrs", [])) or "-")
     table.add_row("roles", ", ".join(status.get("roles", [])) or "-")
     table.add_row("uptime", human_duration(status.get("uptime_s", 0)))
-    table.add_row("peers", f"{status.get('peers', 0)} known, {status.get('connections', 0)} connected")
+    table.add_row(
+        "peers", f"{status.get('peers', 0)} known, {status.get('connections', 0)} connected"
+    )
     table.add_row("hardware", hardware_summary(status.get("hardware")))
     load = status.get("load") or {}
     table.add_row(
@@ -99,19 +102,26 @@ def show_hardware(console: Console, hardware: dict[str, Any]) -> None:
         f"{cpu.get('physical_cores')} physical, {cpu.get('logical_cores')} logical, "
         f"{cpu.get('affinity_cores')} usable",
     )
-    table.add_row("memory", f"{human_bytes(memory.get('available_bytes'))} free of "
-                  f"{human_bytes(memory.get('total_bytes'))}")
+    table.add_row(
+        "memory",
+        f"{human_bytes(memory.get('available_bytes'))} free of "
+        f"{human_bytes(memory.get('total_bytes'))}",
+    )
     table.add_row("disk free", human_bytes(hardware.get("disk_free_bytes")))
     gpus = hardware.get("gpus", [])
     table.add_row(
         "GPUs",
         "\n".join(
             f"#{g.get('index')} {g.get('name')} {human_bytes(g.get('memory_total_bytes'))} "
-            f"({g.get('source')})" for g in gpus
-        ) or "none",
+            f"({g.get('source')})"
+            for g in gpus
+        )
+        or "none",
     )
     frameworks = hardware.get("frameworks", {})
-    table.add_row("frameworks", ", ".join(f"{k} {v}" for k, v in sorted(frameworks.items())) or "none")
+    table.add_row(
+        "frameworks", ", ".join(f"{k} {v}" for k, v in sorted(frameworks.items())) or "none"
+    )
     table.add_row("platform", hardware.get("platform", "-"))
     console.print(table)
 

@@ -111,7 +111,9 @@ class ControlApi:
                 try:
                     request = await _read_request(stream)
                 except (h11.RemoteProtocolError, ApiError) as exc:
-                    await _send(stream, h11.Connection(h11.SERVER), Response(400, {"error": str(exc)}))
+                    await _send(
+                        stream, h11.Connection(h11.SERVER), Response(400, {"error": str(exc)})
+                    )
                     return
                 if request is None:
                     return
@@ -137,7 +139,9 @@ def _may_mutate(uid: int | None) -> bool:
 
 def _peer_uid(stream: trio.SocketStream) -> int | None:
     try:
-        creds = stream.socket.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        creds = stream.socket.getsockopt(
+            socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")
+        )
     except OSError:
         return None
     _pid, uid, _gid = struct.unpack("3i", creds)

@@ -36,9 +36,7 @@ def load_or_create_identity(state_dir: Path) -> KeyPair:
 def _read_seed(path: Path) -> bytes:
     mode = stat.S_IMODE(path.stat().st_mode)
     if mode & 0o077:
-        raise IdentityError(
-            f"{path} is readable by others (mode {mode:o}); run: chmod 600 {path}"
-        )
+        raise IdentityError(f"{path} is readable by others (mode {mode:o}); run: chmod 600 {path}")
     seed = path.read_bytes()
     if len(seed) != SEED_BYTES:
         raise IdentityError(

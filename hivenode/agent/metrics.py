@@ -37,7 +37,9 @@ class Metrics:
             registry=self.registry,
         )
         self.requests = Counter(
-            "hivenode_requests_served", "Requests answered, by protocol", ["protocol"],
+            "hivenode_requests_served",
+            "Requests answered, by protocol",
+            ["protocol"],
             registry=self.registry,
         )
         uptime = Gauge("hivenode_uptime_seconds", "Seconds since start", registry=self.registry)

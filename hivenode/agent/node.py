@@ -207,7 +207,9 @@ class Node:
         try:
             info = info_from_p2p_addr(multiaddr.Multiaddr(addr))
         except Exception as exc:
-            raise RpcError("bad_address", f"{addr} is not a /…/p2p/<peer id> address: {exc}") from exc
+            raise RpcError(
+                "bad_address", f"{addr} is not a /…/p2p/<peer id> address: {exc}"
+            ) from exc
         try:
             with trio.fail_after(self.settings.request_timeout):
                 await self.swarm.host.connect(info)

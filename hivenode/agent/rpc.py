@@ -116,7 +116,9 @@ class RpcServer:
         result = await handler(request, caller)
         if isinstance(result, Message):
             return result
-        return Message(type=OK, request_id=request.request_id, sender=self._own_peer_id, body=result)
+        return Message(
+            type=OK, request_id=request.request_id, sender=self._own_peer_id, body=result
+        )
 
     def _reject(
         self, protocol_id: str, caller: str, request: Message | None, code: str, message: str
@@ -151,7 +153,9 @@ async def request(
             await write_message(adapter, message)
             reply = await read_message(adapter, limits)
     except trio.TooSlowError as exc:
-        raise RpcError("timeout", f"{peer_id} did not answer {protocol_id} in {timeout:g} s") from exc
+        raise RpcError(
+            "timeout", f"{peer_id} did not answer {protocol_id} in {timeout:g} s"
+        ) from exc
     except ProtocolError as exc:
         raise RpcError("bad_reply", f"{peer_id} answered garbage: {exc.reason}") from exc
     except RpcError:

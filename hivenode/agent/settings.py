@@ -19,7 +19,6 @@ from hivenode.agent.paths import config_path
 from hivenode.protocol.advert import Role
 
 
-
 class GossipSettings(BaseModel):
     """GossipSub parameters. py-libp2p's defaults (120 s heartbeat, 10 msg/s per forwarder)
     silently stall or drop a swarm's adverts, so these are sized for our traffic."""
@@ -69,7 +68,7 @@ class Settings(BaseSettings):
     metrics_host: str = "127.0.0.1"
     metrics_port: int = Field(9464, ge=0, le=65535)
     log_level: str = "INFO"
-    gossip: GossipSettings = Field(default_factory=GossipSettings)  # type: ignore[arg-type]
+    gossip: GossipSettings = Field(default_factory=GossipSettings)
 
     @field_validator("psk")
     @classmethod

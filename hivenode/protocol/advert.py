@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from enum import StrEnum
+from typing import Any
 
 from pydantic import Field
 
@@ -79,8 +80,8 @@ class Advert(Record):
         for the next periodic advert instead of going out at once."""
         return self._identity() == other._identity()
 
-    def _identity(self) -> dict[str, object]:
-        gauges = {
+    def _identity(self) -> dict[str, Any]:
+        gauges: dict[str, Any] = {
             "seq": True,
             "timestamp": True,
             "ttl": True,

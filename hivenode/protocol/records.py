@@ -53,7 +53,9 @@ class Record(WireModel):
         try:
             raw: Any = msgpack.unpackb(data, raw=False, strict_map_key=True)
         except Exception as exc:  # msgpack raises many types for garbage
-            raise ProtocolError(f"undecodable {cls.__name__}: {type(exc).__name__} {exc}".rstrip()) from exc
+            raise ProtocolError(
+                f"undecodable {cls.__name__}: {type(exc).__name__} {exc}".rstrip()
+            ) from exc
         return cls.from_mapping(raw)
 
     @classmethod

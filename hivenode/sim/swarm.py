@@ -50,7 +50,9 @@ class SwarmReport:
         table.add_row("start-up", f"{self.startup_s:.1f} s until every node listens")
         if self.convergence_s is not None:
             table.add_row("convergence", f"{self.convergence_s:.1f} s from the first start")
-        table.add_row("RSS", f"{self.rss_mb_total:.0f} MB total, {self.rss_mb_per_node:.1f} MB/node")
+        table.add_row(
+            "RSS", f"{self.rss_mb_total:.0f} MB total, {self.rss_mb_per_node:.1f} MB/node"
+        )
         table.add_row("adverts", f"{self.adverts_received} received, {self.adverts_per_s:.0f}/s")
         table.add_row("shutdown", f"{self.shutdown_s:.1f} s")
         console.print(table)

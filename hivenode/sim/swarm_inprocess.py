@@ -30,9 +30,7 @@ async def run_inprocess_swarm(nodes: int, seed: int, timeout: float, progress: b
         async with trio.open_nursery() as nursery:
 
             async def start(index: int, bootstrap: list[str]) -> Node:
-                node = Node(
-                    sim_settings(Path(tmp), index, bootstrap), create_new_key_pair(), probe
-                )
+                node = Node(sim_settings(Path(tmp), index, bootstrap), create_new_key_pair(), probe)
                 await nursery.start(node.run)
                 swarm.append(node)
                 return node

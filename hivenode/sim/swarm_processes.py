@@ -30,11 +30,15 @@ class Daemon:
         args = [
             str(Path(sys.executable).parent / "hivenode"),
             "run",
-            "--state-dir", str(self.dir / "state"),
-            "--runtime-dir", str(self.dir / "run"),
-            "--listen", "/ip4/127.0.0.1/tcp/0",
+            "--state-dir",
+            str(self.dir / "state"),
+            "--runtime-dir",
+            str(self.dir / "run"),
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
             "--no-metrics",
-            "--log-level", "WARNING",
+            "--log-level",
+            "WARNING",
         ]
         for addr in bootstrap:
             args += ["--bootstrap", addr]
@@ -49,7 +53,9 @@ class Daemon:
     def wait_ready(self, deadline: float) -> dict[str, Any]:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"node exited with {self.process.returncode}; see {self.dir / 'log'}")
+                raise RuntimeError(
+                    f"node exited with {self.process.returncode}; see {self.dir / 'log'}"
+                )
             try:
                 status: dict[str, Any] = self.ask("/v1/status")
                 return status
@@ -94,9 +100,10 @@ def run_process_swarm(nodes: int, seed: int, timeout: float, progress: bool) -> 
                 daemon.wait_ready(time.monotonic() + START_TIMEOUT)
             startup_s = time.monotonic() - started
             want = nodes * (nodes - 1)
-            with ThreadPoolExecutor(max_workers=8) as pool, progress_bar(
-                progress, want, "peer tables"
-            ) as bar:
+            with (
+                ThreadPoolExecutor(max_workers=8) as pool,
+                progress_bar(progress, want, "peer tables") as bar,
+            ):
                 task = bar.add_task("peer tables", total=want)
                 while time.monotonic() - started < timeout:
                     have = sum(pool.map(Daemon.peer_count, daemons))

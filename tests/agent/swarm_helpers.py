@@ -1,0 +1,64 @@
+"""Real in-process nodes on 127.0.0.1 for the agent tests (no mocks of libp2p)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from hivenode.agent.hardware import HardwareProbe
+from hivenode.agent.node import Node
+from hivenode.agent.settings import Settings
+
+
+def node_settings(tmp: Path, name: str, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "listen_addrs": ["/ip4/127.0.0.1/tcp/0"],
+        "state_dir": tmp / name / "state",
+        "runtime_dir": tmp / name / "run",
+        "metrics_enabled": False,
+        "request_timeout": 5.0,
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+StartNode = Callable[..., Awaitable[Node]]
+
+
+@asynccontextmanager
+async def local_swarm(tmp: Path) -> AsyncIterator[StartNode]:
+    """Yields `start(name, bootstrap=[...], **settings)`; every node stops on exit."""
+    from libp2p.crypto.ed25519 import create_new_key_pair
+
+    probe = HardwareProbe(tmp)
+    nodes: list[Node] = []
+    async with trio.open_nursery() as nursery:
+
+        async def start(name: str, bootstrap: list[Node] | None = None, **overrides: Any) -> Node:
+            addrs = [n.swarm.listen_addrs()[0] for n in bootstrap or []]
+            settings = node_settings(tmp, name, bootstrap_peers=addrs, **overrides)
+            node = Node(settings, create_new_key_pair(), probe)
+            await nursery.start(node.run)
+            nodes.append(node)
+            return node
+
+        try:
+            yield start
+        finally:
+            for node in nodes:
+                node.stop()
+            with trio.fail_after(15):
+                for node in nodes:
+                    await node.wait_stopped()
+
+
+async def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    with trio.move_on_after(timeout):
+        while not predicate():
+            await trio.sleep(0.05)
+        return
+    raise AssertionError(f"not within {timeout} s: {what}")
