@@ -82,6 +82,8 @@ class Node:
         self._swarm: SwarmHost | None = None
         self._stop = trio.Event()
         self._stopped = trio.Event()
+        self.joined = trio.Event()
+        """Set once the first round of bootstrap dials has finished, reached or not."""
         self._advert_now = trio.Event()
         self._hardware: Hardware | None = None
         self._nursery: trio.Nursery | None = None
@@ -153,6 +155,7 @@ class Node:
         if self.state.bootstrap_reached:
             await self._wait_for_mesh()
         self._advert_now.set()
+        self.joined.set()
 
     async def _join_one(self, addr: str) -> None:
         try:

@@ -27,6 +27,10 @@ STOP_TIMEOUT = 10.0
 CLI_TIMEOUT = 60.0
 SOCKET_NAME = "control.sock"
 
+SHORT_ADVERTS = {"HIVENODE_ADVERT_PERIOD": "2", "HIVENODE_ADVERT_TTL_PERIODS": "2"}
+"""Adverts every 2 s with a TTL of 2 periods, so that expiry is observable in a test."""
+
+
 _INHERITED_VARIABLES = (
     "STATE_DIRECTORY",
     "RUNTIME_DIRECTORY",
@@ -73,11 +77,6 @@ def run_cli(
         timeout=timeout,
         check=False,
     )
-
-
-def error_lines(result: subprocess.CompletedProcess[str]) -> list[str]:
-    """stderr's non-empty lines."""
-    return [line for line in result.stderr.splitlines() if line.strip()]
 
 
 def free_tcp_port() -> int:
@@ -195,7 +194,9 @@ class Daemon:
             except ControlError:
                 pass
             if time.monotonic() > deadline:
-                raise AssertionError(f"daemon {self.name} not ready in {timeout:g} s:\n{self.log()}")
+                raise AssertionError(
+                    f"daemon {self.name} not ready in {timeout:g} s:\n{self.log()}"
+                )
             time.sleep(0.1)
 
     def signal(self, signum: int) -> None:
@@ -231,13 +232,15 @@ class Daemons:
         *,
         bootstrap: Daemon | str | None = None,
         metrics_port: int | None = None,
+        short_adverts: bool = False,
         env: Mapping[str, str] | None = None,
         wait: bool = True,
     ) -> Daemon:
         """Start `hivenode run` (joining through `bootstrap`); by default wait until its
-        control socket answers /v1/status."""
+        control socket answers /v1/status. `short_adverts`: see SHORT_ADVERTS."""
         address = bootstrap.addr if isinstance(bootstrap, Daemon) else bootstrap
-        daemon = Daemon(name, short_tempdir(), address, metrics_port, env)
+        variables = {**(SHORT_ADVERTS if short_adverts else {}), **(env or {})}
+        daemon = Daemon(name, short_tempdir(), address, metrics_port, variables)
         self._started.append(daemon)
         if wait:
             daemon.wait_ready()
@@ -246,10 +249,6 @@ class Daemons:
     def close(self) -> None:
         for daemon in reversed(self._started):
             daemon.close()
-
-
-SHORT_ADVERTS = {"HIVENODE_ADVERT_PERIOD": "2", "HIVENODE_ADVERT_TTL_PERIODS": "2"}
-"""Adverts every 2 s with a TTL of 2 periods, so that expiry is observable in a test."""
 
 
 @pytest.fixture
@@ -264,8 +263,8 @@ class Pair:
     """Daemon A (with metrics on `a.metrics_port`) and daemon B, which joined through A."""
 
     def __init__(self, pool: Daemons) -> None:
-        self.a = pool.start("a", metrics_port=free_tcp_port(), env=SHORT_ADVERTS)
-        self.b = pool.start("b", bootstrap=self.a, env=SHORT_ADVERTS)
+        self.a = pool.start("a", metrics_port=free_tcp_port(), short_adverts=True)
+        self.b = pool.start("b", bootstrap=self.a, short_adverts=True)
 
     def wait_until_acquainted(self, timeout: float = 20.0) -> None:
         """Until each daemon's peer table holds the other."""
@@ -298,3 +297,16 @@ def home() -> Iterator[Path]:
 def env(home: Path) -> dict[str, str]:
     """A clean environment for a CLI call (no HIVENODE_*, private XDG directories)."""
     return clean_env(home)
+
+
+@pytest.fixture
+def cli(env: dict[str, str]) -> Callable[..., subprocess.CompletedProcess[str]]:
+    """`cli("status", "--json", env=...)` runs the console script; `env` defaults to the
+    clean environment of this test."""
+
+    def invoke(
+        *args: str | Path, env: Mapping[str, str] = env, timeout: float = CLI_TIMEOUT
+    ) -> subprocess.CompletedProcess[str]:
+        return run_cli(*args, env=env, timeout=timeout)
+
+    return invoke

@@ -216,3 +216,17 @@ async def test_a_stopped_peer_leaves_the_table_within_its_ttl(tmp_path: Path) ->
         stopped = trio.current_time()
         await wait_until(lambda: leaf.peer_id not in hub.peer_table, ttl + 3, "leaf expires")
         assert trio.current_time() - stopped <= ttl + 3
+
+
+async def test_private_swarm_admits_only_nodes_with_its_key(tmp_path: Path) -> None:
+    key, other = "11" * 32, "22" * 32
+    async with local_swarm(tmp_path) as start:
+        hub = await start("hub", psk=key)
+        member = await start("member", bootstrap=[hub], psk=key)
+        outsider = await start("outsider", bootstrap=[hub], psk=other)
+        await wait_until(lambda: member.peer_id in hub.peer_table, 15, "the member joins")
+        with trio.fail_after(15):
+            await outsider.joined.wait()
+        assert member.state.bootstrap_reached == {hub.peer_id}
+        assert outsider.state.bootstrap_reached == set()
+        assert outsider.peer_id not in hub.peer_table
