@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import signal
-from pathlib import Path
 from typing import Any
 
 import trio
@@ -62,7 +61,7 @@ async def run_daemon(settings: Settings) -> None:
     metrics = Metrics()
     node = Node(settings, key_pair, HardwareProbe(state_dir), metrics)
     notifier = SystemdNotifier()
-    socket_path = socket_path_for(settings)
+    socket_path = paths.control_socket(settings.runtime_dir)
     if settings.metrics_enabled:
         metrics.serve(settings.metrics_host, settings.metrics_port)
 
@@ -96,7 +95,3 @@ async def _systemd_loop(node: Node, notifier: SystemdNotifier) -> None:
         notifier.watchdog()
         notifier.status(f"{len(node.peer_table)} peers, {len(node.connected_peers())} connections")
         await trio.sleep(period)
-
-
-def socket_path_for(settings: Settings) -> Path:
-    return paths.runtime_dir(settings.runtime_dir) / paths.SOCKET_NAME

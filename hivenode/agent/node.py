@@ -366,7 +366,7 @@ class Node:
             return None
         finally:
             if stream is not None:
-                await rpc._close_quietly(stream)
+                await rpc.close_quietly(stream)
         self.peer_table.set_rtt(peer_id, rtt)
         return rtt
 

@@ -39,6 +39,11 @@ def runtime_dir(configured: Path | None) -> Path:
     return user_runtime_path("hivenode")
 
 
+def control_socket(configured_runtime_dir: Path | None) -> Path:
+    """Where the daemon listens for the control API."""
+    return runtime_dir(configured_runtime_dir) / SOCKET_NAME
+
+
 def config_path(explicit: Path | None = None) -> Path | None:
     """The TOML file to read: --config, then $HIVENODE_CONFIG, then the default paths."""
     if explicit is not None:

@@ -110,7 +110,7 @@ class RpcServer:
             log.debug("stream %s from %s broke: %r", protocol_id, caller, exc)
         finally:
             with trio.move_on_after(1):
-                await _close_quietly(stream)
+                await close_quietly(stream)
 
     async def _dispatch(self, handler: Handler, request: Message, caller: str) -> Message:
         result = await handler(request, caller)
@@ -165,7 +165,7 @@ async def request(
     finally:
         if stream is not None:
             with trio.move_on_after(1):
-                await _close_quietly(stream)
+                await close_quietly(stream)
     if reply.request_id != message.request_id:
         raise RpcError("bad_reply", f"{peer_id} answered request {reply.request_id}, not ours")
     if reply.type == ERROR:
@@ -175,7 +175,7 @@ async def request(
     return reply
 
 
-async def _close_quietly(stream: Any) -> None:
+async def close_quietly(stream: Any) -> None:
     try:
         await stream.close()
     except Exception as exc:

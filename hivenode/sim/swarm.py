@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import random
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -116,7 +115,7 @@ def own_rss_mb() -> float:
     return rss_mb([os.getpid()])
 
 
-def progress_bar(enabled: bool, total: int, description: str) -> Any:
+def progress_bar(enabled: bool) -> Any:
     """A rich progress bar on stderr, or a do-nothing stand-in for --json."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -130,7 +129,3 @@ def progress_bar(enabled: bool, total: int, description: str) -> Any:
         disable=not enabled,
         transient=True,
     )
-
-
-def timed() -> float:
-    return time.monotonic()

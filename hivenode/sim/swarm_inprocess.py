@@ -53,7 +53,7 @@ async def run_inprocess_swarm(nodes: int, seed: int, timeout: float, progress: b
                     starting.start_soon(join, index)
             startup_s = time.monotonic() - started
             want = nodes * (nodes - 1)
-            with progress_bar(progress, want, "peer tables") as bar:
+            with progress_bar(progress) as bar:
                 task = bar.add_task("peer tables", total=want)
                 with trio.move_on_after(timeout):
                     while True:

@@ -102,7 +102,7 @@ def run_process_swarm(nodes: int, seed: int, timeout: float, progress: bool) -> 
             want = nodes * (nodes - 1)
             with (
                 ThreadPoolExecutor(max_workers=8) as pool,
-                progress_bar(progress, want, "peer tables") as bar,
+                progress_bar(progress) as bar,
             ):
                 task = bar.add_task("peer tables", total=want)
                 while time.monotonic() - started < timeout:
