@@ -399,15 +399,8 @@ class Node:
 
     async def fetch_peer_table(self, peer_id: str) -> int:
         """Merge `peer_id`'s table into ours, keeping only adverts whose signatures verify."""
-        reply = await rpc.request(
-            self.swarm.host,
-            peer_id,
-            PEER_TABLE_PROTOCOL,
-            "peer_table",
-            timeout=self.settings.request_timeout,
-            limits=PEER_TABLE_LIMITS,
-        )
-        signed = reply.body.get("adverts")
+        reply = await self.ask(peer_id, PEER_TABLE_PROTOCOL, "peer_table", PEER_TABLE_LIMITS)
+        signed = reply.get("adverts")
         if not isinstance(signed, list):
             raise RpcError("bad_reply", f"{peer_id} sent a peer table without adverts")
         merged = 0
@@ -435,14 +428,20 @@ class Node:
         return held is None or held.advert.seq < advert.seq
 
     async def remote_status(self, peer_id: str) -> Mapping[str, Any]:
+        return await self.ask(peer_id, STATUS_PROTOCOL, "status", CONTROL_LIMITS)
+
+    async def ask(
+        self, peer_id: str, protocol_id: str, method: str, limits: Limits
+    ) -> Mapping[str, Any]:
+        """One request to a peer (dialled from its advert if need be); the reply's body."""
         self.make_dialable(peer_id)
         reply = await rpc.request(
             self.swarm.host,
             peer_id,
-            STATUS_PROTOCOL,
-            "status",
+            protocol_id,
+            method,
             timeout=self.settings.request_timeout,
-            limits=CONTROL_LIMITS,
+            limits=limits,
         )
         return reply.body
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import random
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,38 @@ class SwarmReport:
         console.print(table)
         for note in self.notes:
             console.print(note)
+
+
+def make_report(
+    *,
+    nodes: int,
+    mode: str,
+    started: float,
+    startup_s: float,
+    converged_at: float | None,
+    rss_mb_total: float,
+    rss_mb_per_node: float,
+    adverts_received: int,
+    shutdown_s: float,
+    seed: int,
+    hubs: int,
+) -> SwarmReport:
+    """Rounds the figures; convergence and rates count from `started` (the first node)."""
+    elapsed = (converged_at if converged_at is not None else time.monotonic()) - started
+    return SwarmReport(
+        nodes=nodes,
+        mode=mode,
+        converged=converged_at is not None,
+        startup_s=round(startup_s, 3),
+        convergence_s=None if converged_at is None else round(converged_at - started, 3),
+        rss_mb_total=round(rss_mb_total, 1),
+        rss_mb_per_node=round(rss_mb_per_node, 2),
+        adverts_received=adverts_received,
+        adverts_per_s=round(adverts_received / elapsed, 1) if elapsed > 0 else 0.0,
+        shutdown_s=round(shutdown_s, 3),
+        seed=seed,
+        hubs=hubs,
+    )
 
 
 def quiet_libp2p() -> None:

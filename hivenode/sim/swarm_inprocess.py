@@ -11,7 +11,14 @@ import trio
 
 from hivenode.agent.hardware import HardwareProbe
 from hivenode.agent.node import Node
-from hivenode.sim.swarm import SwarmReport, hub_count, own_rss_mb, progress_bar, sim_settings
+from hivenode.sim.swarm import (
+    SwarmReport,
+    hub_count,
+    make_report,
+    own_rss_mb,
+    progress_bar,
+    sim_settings,
+)
 
 log = logging.getLogger(__name__)
 
@@ -65,24 +72,22 @@ async def run_inprocess_swarm(nodes: int, seed: int, timeout: float, progress: b
                         await trio.sleep(0.1)
             rss_total = own_rss_mb()
             received = int(sum(n.metrics.value("hivenode_adverts_received_total") for n in swarm))
-            elapsed = (converged_at or time.monotonic()) - started
             stop_started = time.monotonic()
             for node in swarm:
                 node.stop()
             for node in swarm:
                 await node.wait_stopped()
             shutdown_s = time.monotonic() - stop_started
-    return SwarmReport(
+    return make_report(
         nodes=nodes,
         mode="one trio loop",
-        converged=converged_at is not None,
-        startup_s=round(startup_s, 3),
-        convergence_s=None if converged_at is None else round(converged_at - started, 3),
-        rss_mb_total=round(rss_total, 1),
-        rss_mb_per_node=round((rss_total - rss_before) / nodes, 2),
+        started=started,
+        startup_s=startup_s,
+        converged_at=converged_at,
+        rss_mb_total=rss_total,
+        rss_mb_per_node=(rss_total - rss_before) / nodes,
         adverts_received=received,
-        adverts_per_s=round(received / elapsed, 1) if elapsed > 0 else 0.0,
-        shutdown_s=round(shutdown_s, 3),
+        shutdown_s=shutdown_s,
         seed=seed,
         hubs=hubs,
     )

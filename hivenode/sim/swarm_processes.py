@@ -15,7 +15,7 @@ from typing import Any
 
 from hivenode.agent.control_client import ControlError, call
 from hivenode.agent.paths import SOCKET_NAME
-from hivenode.sim.swarm import SwarmReport, hub_count, progress_bar, rss_mb
+from hivenode.sim.swarm import SwarmReport, hub_count, make_report, progress_bar, rss_mb
 
 START_TIMEOUT = 60.0
 POLL_PERIOD = 0.5
@@ -123,18 +123,16 @@ def run_process_swarm(nodes: int, seed: int, timeout: float, progress: bool) -> 
             for daemon in daemons:
                 daemon.reap(timeout=15.0)
             shutdown_s = time.monotonic() - stop_started
-    elapsed = (converged_at or time.monotonic()) - started
-    return SwarmReport(
+    return make_report(
         nodes=nodes,
         mode="one process per node",
-        converged=converged_at is not None,
-        startup_s=round(startup_s, 3),
-        convergence_s=None if converged_at is None else round(converged_at - started, 3),
-        rss_mb_total=round(rss_total, 1),
-        rss_mb_per_node=round(rss_total / nodes, 2),
+        started=started,
+        startup_s=startup_s,
+        converged_at=converged_at,
+        rss_mb_total=rss_total,
+        rss_mb_per_node=rss_total / nodes,
         adverts_received=received,
-        adverts_per_s=round(received / elapsed, 1) if elapsed > 0 else 0.0,
-        shutdown_s=round(shutdown_s, 3),
+        shutdown_s=shutdown_s,
         seed=seed,
         hubs=hubs,
     )
