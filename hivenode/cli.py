@@ -146,9 +146,9 @@ def init(
         fail(f"{target} already exists; pass --force to overwrite it")
     template = config_template()
     if state_dir is not None:
-        template = template.replace(
-            "# state_dir = ", f'state_dir = "{state_dir}"\n# state_dir = ', 1
-        )
+        # a JSON string is a valid TOML basic string: quotes and backslashes escaped
+        quoted = json.dumps(str(state_dir.absolute()))
+        template = template.replace("# state_dir = ", f"state_dir = {quoted}\n# state_dir = ", 1)
     try:
         atomic_write(target, template.encode(), mode=0o644)
         settings = _load_settings(target)

@@ -181,8 +181,23 @@ def configure_logging(level: str, stream: TextIO | None = None) -> logging.Handl
     root.setLevel(numeric)
     chatty_level = logging.NOTSET if numeric <= logging.DEBUG else logging.WARNING
     for name in CHATTY_LOGGERS:
-        logging.getLogger(name).setLevel(chatty_level)
+        route_library_logger(name, chatty_level)
     return handler
+
+
+def route_library_logger(name: str, level: int) -> None:
+    """Send a library's logger through our handler at `level`.
+
+    `import libp2p` detaches its logger (propagate=False, handlers cleared, WARNING) unless
+    LIBP2P_DEBUG is set; its records then reach only Python's last-resort handler, raw and
+    without journald priorities. Importing it first makes that reset happen before ours.
+    """
+    import importlib
+
+    importlib.import_module(name)
+    logger = logging.getLogger(name)
+    logger.propagate = True
+    logger.setLevel(level)
 
 
 def _socket_address(value: str) -> str | None:

@@ -97,7 +97,9 @@ def quiet_libp2p() -> None:
     spawned into closing nurseries) at ERROR with tracebacks, which would bury it."""
     import logging
 
-    logging.getLogger("libp2p").setLevel(logging.CRITICAL)
+    from hivenode.agent.systemd import route_library_logger
+
+    route_library_logger("libp2p", logging.CRITICAL)
     logging.getLogger("hivenode").setLevel(logging.ERROR)
 
 
