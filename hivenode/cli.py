@@ -147,7 +147,7 @@ def init(
     template = config_template()
     if state_dir is not None:
         # a JSON string is a valid TOML basic string: quotes and backslashes escaped
-        quoted = json.dumps(str(state_dir.absolute()))
+        quoted = json.dumps(str(state_dir.absolute()), ensure_ascii=False)
         template = template.replace("# state_dir = ", f"state_dir = {quoted}\n# state_dir = ", 1)
     try:
         atomic_write(target, template.encode(), mode=0o644)

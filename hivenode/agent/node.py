@@ -247,22 +247,29 @@ class Node:
         )
 
     async def _advert_loop(self) -> None:
-        """Announce at once when something changed, else once per (swarm-sized) period."""
+        """Announce at once when something changed, else once per (swarm-sized) period.
+
+        It wakes at least when the next periodic advert is due, so a period shorter than
+        ADVERT_CHECK_PERIOD is kept too (the TTL, a multiple of the period, depends on it).
+        """
+        next_due = 0.0
         while True:
-            with trio.move_on_after(ADVERT_CHECK_PERIOD):
+            wait = min(ADVERT_CHECK_PERIOD, next_due - time.monotonic())
+            with trio.move_on_after(max(0.0, wait)):
                 await self._advert_now.wait()
             self._advert_now = trio.Event()
             self._hardware = await trio.to_thread.run_sync(self.probe.refresh)
             advert = self.build_advert(self._hardware)
-            last, since = self.state.last_advert, time.monotonic() - self.state.last_advert_at
-            jittered = self.current_period() * random.uniform(0.85, 1.0)
-            if last is not None and last.same_content(advert) and since < jittered:
+            last = self.state.last_advert
+            if last is not None and last.same_content(advert) and time.monotonic() < next_due:
                 continue
+            since = time.monotonic() - self.state.last_advert_at
             if since < MIN_ADVERT_SPACING:
                 await trio.sleep(MIN_ADVERT_SPACING - since)
             await self.swarm.pubsub.publish(ADVERTS_TOPIC, advert.to_wire())
             self.state.last_advert, self.state.last_advert_at = advert, time.monotonic()
             self.metrics.adverts_sent.inc()
+            next_due = time.monotonic() + self.current_period() * random.uniform(0.85, 1.0)
 
     def announce(self) -> None:
         """Publish an advert now (something in it changed)."""
@@ -274,7 +281,7 @@ class Node:
             return
         self._accept_advert(message, where="gossip")
 
-    def _accept_advert(self, message: GossipMessage, where: str) -> bool:
+    def _accept_advert(self, message: GossipMessage, where: str, age_s: float = 0.0) -> bool:
         try:
             advert = Advert.from_wire(message.data)
         except ProtocolError as exc:
@@ -289,7 +296,7 @@ class Node:
         if held and time.time() - held.received_at < MIN_ADVERT_SPACING and where == "gossip":
             self.metrics.reject(where, "rate")
             return False
-        outcome = self.peer_table.offer(advert)
+        outcome = self.peer_table.offer(advert, age_s=age_s)
         if outcome in (Update.NEW, Update.NEWER):
             self.state.signed_adverts[advert.origin] = message.signed
             self.metrics.adverts_received.inc()
@@ -390,7 +397,17 @@ class Node:
     async def _serve_peer_table(self, request: Message, caller: str) -> Mapping[str, Any]:
         self._expect(request, "peer_table")
         self.metrics.requests.labels(protocol="peer_table").inc()
-        return {"adverts": list(self.state.signed_adverts.values())}
+        now = time.time()
+        adverts = []
+        for origin, signed in self.state.signed_adverts.items():
+            entry = self.peer_table.get(origin)
+            heard_at = entry.received_at if entry else self._own_advert_time()
+            adverts.append({"signed": signed, "age_s": round(max(0.0, now - heard_at), 3)})
+        return {"adverts": adverts}
+
+    def _own_advert_time(self) -> float:
+        last = self.state.last_advert
+        return last.timestamp if last is not None else time.time()
 
     @staticmethod
     def _expect(request: Message, method: str) -> None:
@@ -405,14 +422,15 @@ class Node:
             raise RpcError("bad_reply", f"{peer_id} sent a peer table without adverts")
         merged = 0
         for item in signed:
-            peeked = peek_signed(item, ADVERTS_TOPIC) if isinstance(item, bytes) else None
+            raw, age_s = _table_item(item)
+            peeked = peek_signed(raw, ADVERTS_TOPIC) if raw is not None else None
             if peeked is not None and not self._is_news(peeked[0]):
                 continue  # skip the costly signature check for what we already hold
-            message = verify_signed(item, ADVERTS_TOPIC) if peeked is not None else None
+            message = verify_signed(raw, ADVERTS_TOPIC) if raw is not None else None
             if message is None:
                 self.metrics.reject("peer_table", "bad_signature")
                 continue
-            merged += self._accept_advert(message, where="peer_table")
+            merged += self._accept_advert(message, where="peer_table", age_s=age_s)
         return merged
 
     def _is_news(self, message: GossipMessage) -> bool:
@@ -510,7 +528,17 @@ class Node:
                     "load": advert.load.model_dump(mode="json"),
                     "rtt_ms": None if entry.rtt_s is None else round(entry.rtt_s * 1000, 3),
                     "last_seen_s": round(now - entry.received_at, 3),
-                    "expires_in_s": round(entry.received_at + advert.ttl - now, 3),
+                    "expires_in_s": round(entry.expires_at() - now, 3),
                 }
             )
         return rows
+
+
+def _table_item(item: Any) -> tuple[bytes | None, float]:
+    """One entry of a peer-table reply: the signed message and its age at the sender."""
+    if not isinstance(item, dict):
+        return None, 0.0
+    signed, age_s = item.get("signed"), item.get("age_s", 0.0)
+    if not isinstance(signed, bytes) or not isinstance(age_s, (int, float)):
+        return None, 0.0
+    return signed, float(age_s)

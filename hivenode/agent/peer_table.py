@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -21,12 +20,20 @@ class Update(StrEnum):
 class PeerEntry:
     advert: Advert
     received_at: float
-    """Local wall-clock time of arrival (adverts' own timestamps come from other clocks)."""
+    """Local wall-clock time the advert was published, as far as we can tell: arrival time
+    for gossip, arrival minus the age the relaying peer reported for a pulled table."""
     rtt_s: float | None = None
 
     @property
     def peer_id(self) -> str:
         return self.advert.origin
+
+    def expires_at(self) -> float:
+        """TTL counted from local arrival (other clocks may be off), but never more than the
+        skew allowance past the advert's own expiry: a relaying peer that lies about an
+        advert's age cannot keep a dead peer alive for long."""
+        by_arrival = self.received_at + self.advert.ttl
+        return min(by_arrival, self.advert.expires_at() + _CLOCK_SKEW_ALLOWANCE_S)
 
 
 class PeerTable:
@@ -37,8 +44,12 @@ class PeerTable:
         self.own_peer_id = own_peer_id
         self._entries: dict[str, PeerEntry] = {}
 
-    def offer(self, advert: Advert, now: float | None = None) -> Update:
-        """Keep `advert` if it is newer than what we hold for its origin."""
+    def offer(self, advert: Advert, now: float | None = None, age_s: float = 0.0) -> Update:
+        """Keep `advert` if it is newer than what we hold for its origin.
+
+        `age_s`: how long ago the advert was heard where it came from (0 for gossip); a
+        relayed advert keeps the rest of its TTL, not a fresh one.
+        """
         now = time.time() if now is None else now
         if advert.origin == self.own_peer_id:
             return Update.STALE
@@ -47,13 +58,12 @@ class PeerTable:
         held = self._entries.get(advert.origin)
         if held is not None and held.advert.seq >= advert.seq:
             return Update.STALE
+        heard_at = now - min(max(age_s, 0.0), advert.ttl)
+        if heard_at + advert.ttl <= now:
+            return Update.EXPIRED
         rtt = held.rtt_s if held else None
-        self._entries[advert.origin] = PeerEntry(advert, now, rtt)
+        self._entries[advert.origin] = PeerEntry(advert, heard_at, rtt)
         return Update.NEW if held is None else Update.NEWER
-
-    def offer_all(self, adverts: Iterable[Advert], now: float | None = None) -> int:
-        """Merge a fetched table; returns how many entries were new or newer."""
-        return sum(self.offer(a, now) in (Update.NEW, Update.NEWER) for a in adverts)
 
     def set_rtt(self, peer_id: str, rtt_s: float) -> None:
         if held := self._entries.get(peer_id):
@@ -62,7 +72,7 @@ class PeerTable:
     def expire(self, now: float | None = None) -> list[str]:
         """Drop peers whose advert outlived its TTL; returns their ids."""
         now = time.time() if now is None else now
-        gone = [p for p, e in self._entries.items() if e.received_at + e.advert.ttl <= now]
+        gone = [p for p, e in self._entries.items() if e.expires_at() <= now]
         for peer_id in gone:
             del self._entries[peer_id]
         return gone

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from hivenode.agent.control_client import ControlError, call
+from hivenode.agent.paths import control_socket
 
 HIVENODE = Path(sys.executable).parent / "hivenode"
 """The console script of this virtualenv: what a user runs (not `python -m`)."""
@@ -25,7 +26,6 @@ HIVENODE = Path(sys.executable).parent / "hivenode"
 READY_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
 CLI_TIMEOUT = 60.0
-SOCKET_NAME = "control.sock"
 
 SHORT_ADVERTS = {"HIVENODE_ADVERT_PERIOD": "2", "HIVENODE_ADVERT_TTL_PERIODS": "2"}
 """Adverts every 2 s with a TTL of 2 periods, so that expiry is observable in a test."""
@@ -114,7 +114,7 @@ class Daemon:
         self.base = base
         self.state_dir = base / "state"
         self.runtime_dir = base / "run"
-        self.socket_path = self.runtime_dir / SOCKET_NAME
+        self.socket_path = control_socket(self.runtime_dir)
         self.log_path = base / "daemon.log"
         self.env = clean_env(base, env)
         self.metrics_port = metrics_port
@@ -213,9 +213,9 @@ class Daemon:
         """SIGTERM, then SIGKILL if it lingers; remove its directories."""
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
-            if self.wait_exit() is None:
-                self.process.kill()
-                self.process.wait()
+        if self.wait_exit() is None:
+            self.process.kill()
+            self.process.wait()
         self._log.close()
         shutil.rmtree(self.base, ignore_errors=True)
 
@@ -247,6 +247,9 @@ class Daemons:
         return daemon
 
     def close(self) -> None:
+        for daemon in self._started:  # all at once: each takes a moment to leave
+            if daemon.process.poll() is None:
+                daemon.signal(signal.SIGTERM)
         for daemon in reversed(self._started):
             daemon.close()
 
@@ -260,7 +263,8 @@ def daemons() -> Iterator[Daemons]:
 
 
 class Pair:
-    """Daemon A (with metrics on `a.metrics_port`) and daemon B, which joined through A."""
+    """Daemon A (with metrics on `a.metrics_port`) and daemon B, which joined through A;
+    both with SHORT_ADVERTS, so that a test can watch adverts come and expire."""
 
     def __init__(self, pool: Daemons) -> None:
         self.a = pool.start("a", metrics_port=free_tcp_port(), short_adverts=True)

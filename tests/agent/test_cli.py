@@ -95,7 +95,9 @@ def test_init_config_stays_valid_toml_when_the_state_dir_needs_escaping(
 ) -> None:
     from hivenode.agent.settings import load_settings
 
-    config, state = home / "config.toml", home / 'state "quoted" \\ dir'
+    # quotes and backslashes need escaping in TOML; a character beyond the BMP must not
+    # turn into a surrogate pair (json.dumps' \ud83d\ude00 is not valid TOML)
+    config, state = home / "config.toml", home / 'state "quoted" \\ dir \N{GRINNING FACE}'
     result = _init(cli, config, state)
 
     assert result.returncode == 0, result.stderr

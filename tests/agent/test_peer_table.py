@@ -72,3 +72,20 @@ def test_any_delivery_order_keeps_the_maximum_sequence_per_origin(
     for origin, seq in deliveries:
         expected[origin] = max(seq, expected.get(origin, -1))
     assert {e.peer_id: e.advert.seq for e in table.entries()} == expected
+
+
+def test_a_relayed_advert_keeps_only_the_rest_of_its_ttl() -> None:
+    table = PeerTable("me")
+    table.offer(advert("a", 1, ttl=30), NOW, age_s=20)
+    assert table.expire(NOW + 9) == []
+    assert table.expire(NOW + 10) == ["a"]
+    assert table.offer(advert("b", 1, ttl=30), NOW, age_s=45) is Update.EXPIRED
+
+
+def test_a_relayer_lying_about_age_cannot_outlive_the_adverts_own_expiry() -> None:
+    table = PeerTable("me")
+    stale = advert("a", 1, timestamp=NOW - 200, ttl=30)  # expired 170 s ago by its own clock
+    table.offer(stale, NOW, age_s=0)  # accepted: within the clock-skew allowance
+    entry = table.get("a")
+    assert entry is not None
+    assert entry.expires_at() <= stale.expires_at() + 300
