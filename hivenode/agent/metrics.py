@@ -42,6 +42,9 @@ class Metrics:
             ["protocol"],
             registry=self.registry,
         )
+        self.blob_bytes_served = Counter(
+            "hivenode_blob_bytes_served", "Model blob bytes sent to peers", registry=self.registry
+        )
         uptime = Gauge("hivenode_uptime_seconds", "Seconds since start", registry=self.registry)
         uptime.set_function(lambda: time.monotonic() - self.started_at)
         Info("hivenode_build", "Agent version", registry=self.registry).info(

@@ -14,6 +14,7 @@ import trio
 from hivenode import __version__
 from hivenode.agent import rpc
 from hivenode.agent.adverts import advert_period, sequence_numbers
+from hivenode.agent.blob_transfer import BLOB_PROTOCOL, BlobResolver, blob_handler
 from hivenode.agent.errors import RpcError
 from hivenode.agent.gossip import GossipMessage, drain_topic, peek_signed, verify_signed
 from hivenode.agent.hardware import HardwareProbe, probe_load
@@ -67,6 +68,7 @@ class Node:
         key_pair: KeyPair,
         probe: HardwareProbe,
         metrics: Metrics | None = None,
+        blob_resolver: BlobResolver | None = None,
     ) -> None:
         from hivenode.agent.identity import peer_id_of
 
@@ -75,6 +77,7 @@ class Node:
         self.peer_id = peer_id_of(key_pair)
         self.probe = probe
         self.metrics = metrics or Metrics()
+        self.blob_resolver = blob_resolver
         self.peer_table = PeerTable(self.peer_id)
         self.state = NodeState()
         self.running_tasks = 0
@@ -388,6 +391,9 @@ class Node:
         )
         server.register(STATUS_PROTOCOL, self._serve_status, CONTROL_LIMITS)
         server.register(PEER_TABLE_PROTOCOL, self._serve_peer_table, CONTROL_LIMITS)
+        if self.blob_resolver is not None:
+            handler = blob_handler(self.blob_resolver, self.metrics.blob_bytes_served.inc)
+            server.register(BLOB_PROTOCOL, handler, CONTROL_LIMITS)
 
     async def _serve_status(self, request: Message, caller: str) -> Mapping[str, Any]:
         self._expect(request, "status")

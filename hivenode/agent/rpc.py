@@ -10,8 +10,10 @@ from __future__ import annotations
 import itertools
 import logging
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import trio
 
 from hivenode.agent.errors import RpcError
@@ -25,8 +27,17 @@ log = logging.getLogger(__name__)
 OK = "ok"
 ERROR = "error"
 
-Handler = Callable[[Message, str], Awaitable[Message | Mapping[str, Any]]]
-"""Takes the request and the caller's peer id; returns a body (or a whole reply Message)."""
+
+@dataclass(frozen=True)
+class Reply:
+    """An `ok` reply that carries tensors as well as a body."""
+
+    body: Mapping[str, Any]
+    tensors: tuple[np.ndarray, ...] = ()
+
+
+Handler = Callable[[Message, str], Awaitable[Reply | Mapping[str, Any]]]
+"""Takes the request and the caller's peer id; returns the reply's body, or a Reply."""
 
 RejectHook = Callable[[str, str], None]
 """Called with (protocol id, reason) for every request answered with an error."""
@@ -114,10 +125,13 @@ class RpcServer:
 
     async def _dispatch(self, handler: Handler, request: Message, caller: str) -> Message:
         result = await handler(request, caller)
-        if isinstance(result, Message):
-            return result
+        reply = result if isinstance(result, Reply) else Reply(body=result)
         return Message(
-            type=OK, request_id=request.request_id, sender=self._own_peer_id, body=result
+            type=OK,
+            request_id=request.request_id,
+            sender=self._own_peer_id,
+            body=reply.body,
+            tensors=reply.tensors,
         )
 
     def _reject(

@@ -9,6 +9,7 @@ from typing import Any
 
 import trio
 
+from hivenode.agent.blob_transfer import BlobResolver
 from hivenode.agent.hardware import HardwareProbe
 from hivenode.agent.node import Node
 from hivenode.agent.settings import Settings
@@ -38,10 +39,15 @@ async def local_swarm(tmp: Path) -> AsyncIterator[StartNode]:
     nodes: list[Node] = []
     async with trio.open_nursery() as nursery:
 
-        async def start(name: str, bootstrap: list[Node] | None = None, **overrides: Any) -> Node:
+        async def start(
+            name: str,
+            bootstrap: list[Node] | None = None,
+            blob_resolver: BlobResolver | None = None,
+            **overrides: Any,
+        ) -> Node:
             addrs = [n.swarm.listen_addrs()[0] for n in bootstrap or []]
             settings = node_settings(tmp, name, bootstrap_peers=addrs, **overrides)
-            node = Node(settings, create_new_key_pair(), probe)
+            node = Node(settings, create_new_key_pair(), probe, blob_resolver=blob_resolver)
             await nursery.start(node.run)
             nodes.append(node)
             return node
