@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import trio
+from swarm_helpers import local_swarm
 
 from hivenode.agent.blob_transfer import CHUNK_BYTES, PARTIAL_DIR, fetch_blob
 from hivenode.agent.errors import RpcError
-from swarm_helpers import local_swarm
 
 SIZE = 3 * CHUNK_BYTES + 12345
 
@@ -59,7 +59,7 @@ async def test_a_broken_fetch_resumes_without_resending_what_arrived(tmp_path: P
 
 async def test_unknown_blob_and_bad_hash_are_typed_errors(tmp_path: Path) -> None:
     served = tmp_path / "served"
-    sha, _ = make_blob(served)
+    make_blob(served)
     liar_dir = tmp_path / "liar"
     liar_dir.mkdir()
     wrong = "0" * 64
