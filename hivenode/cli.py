@@ -9,9 +9,22 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any
 
 import typer
+
+from hivenode.cli_common import (
+    EXIT_FAILURE,
+    EXIT_USAGE,
+    ConfigOpt,
+    JsonOpt,
+    RuntimeDirOpt,
+    ask_daemon,
+    console,
+    emit_json,
+    fail,
+)
+from hivenode.cli_models import models_app  # typer and the stdlib only at import time
 
 app = typer.Typer(
     name="hivenode",
@@ -22,43 +35,7 @@ app = typer.Typer(
 )
 sim_app = typer.Typer(help="Run many real nodes on this machine.", no_args_is_help=True)
 app.add_typer(sim_app, name="sim")
-
-ConfigOpt = Annotated[
-    Path | None, typer.Option("--config", "-c", help="TOML config file (else $HIVENODE_CONFIG)")
-]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
-RuntimeDirOpt = Annotated[
-    Path | None, typer.Option("--runtime-dir", help="Where the daemon's control socket lives.")
-]
-
-EXIT_FAILURE = 1
-EXIT_USAGE = 2
-
-
-def fail(message: str, code: int = EXIT_FAILURE) -> NoReturn:
-    """One line on stderr and an exit code: never a traceback."""
-    typer.echo(f"hivenode: error: {message}", err=True)
-    raise typer.Exit(code)
-
-
-def emit_json(value: Any) -> None:
-    typer.echo(json.dumps(value, indent=2, sort_keys=True))
-
-
-def console() -> Any:
-    from rich.console import Console
-
-    return Console()
-
-
-def _ask_daemon(config: Path | None, runtime_dir: Path | None, path: str) -> Any:
-    from hivenode.agent.control_client import ControlError, call
-    from hivenode.agent.paths import client_socket_path
-
-    try:
-        return call(client_socket_path(config, runtime_dir), "GET", path)
-    except ControlError as exc:
-        fail(str(exc))
+app.add_typer(models_app, name="models")
 
 
 def _load_settings(config: Path | None, **flags: Any) -> Any:
@@ -82,7 +59,7 @@ def status(
 ) -> None:
     """This node's identity, addresses, roles, uptime, peers, hardware and health."""
     path = f"/v1/peers/{peer}/status" if peer else "/v1/status"
-    result = _ask_daemon(config, runtime_dir, path)
+    result = ask_daemon(config, runtime_dir, path)
     if as_json:
         emit_json(result)
         return
@@ -96,7 +73,7 @@ def peers(
     config: ConfigOpt = None, runtime_dir: RuntimeDirOpt = None, as_json: JsonOpt = False
 ) -> None:
     """The peer table: every peer's address, roles, hardware, RTT and last advert."""
-    result = _ask_daemon(config, runtime_dir, "/v1/peers")
+    result = ask_daemon(config, runtime_dir, "/v1/peers")
     if as_json:
         emit_json(result)
         return

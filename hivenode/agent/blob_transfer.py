@@ -28,7 +28,6 @@ log = logging.getLogger(__name__)
 BLOB_PROTOCOL = "/hivenode/blob/1.0.0"
 CHUNK_BYTES = 4 * 1024 * 1024
 BLOB_LIMITS = Limits(max_header_bytes=4096, max_tensors=1, max_total_bytes=CHUNK_BYTES)
-PARTIAL_DIR = ".partial"
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 BlobResolver = Callable[[str], Path | None]
@@ -81,15 +80,14 @@ async def fetch_blob(
     host: Any,
     peer_id: str,
     sha: str,
-    store_dir: Path,
+    partial: Path,
     *,
     timeout: float,
     progress: Progress | None = None,
 ) -> Path:
-    """Fetch blob `sha` from `peer_id` into `store_dir/.partial/sha`, resuming what is there;
-    returns the verified partial file (the caller moves it into its store)."""
+    """Fetch blob `sha` from `peer_id` into the file `partial`, resuming from what it holds;
+    returns it once its sha256 matches (the caller then moves it into its store)."""
     check_sha(sha)
-    partial = store_dir / PARTIAL_DIR / sha
     partial.parent.mkdir(parents=True, exist_ok=True)
     offset = partial.stat().st_size if partial.exists() else 0
     size: int | None = None

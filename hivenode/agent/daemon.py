@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import signal
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -23,8 +24,10 @@ log = logging.getLogger(__name__)
 STATUS_PERIOD = 10.0
 
 
-def build_control_api(node: Node) -> ControlApi:
-    """The read-only endpoints of issue #2; later parts add their own routes."""
+def build_control_api(node: Node, state_dir: Path) -> ControlApi:
+    """The daemon's endpoints; the model routes come from `model_fetch`."""
+    from hivenode.agent.model_fetch import fetch_model
+
     api = ControlApi()
 
     async def status(request: Request, params: dict[str, str]) -> Any:
@@ -50,6 +53,11 @@ def build_control_api(node: Node) -> ControlApi:
     api.route("GET", "/v1/peers", peers)
     api.route("GET", "/v1/hardware", hardware)
     api.route("GET", "/v1/peers/{peer_id}/status", remote_status)
+
+    async def models_fetch(request: Request, params: dict[str, str]) -> Any:
+        return await fetch_model(node, state_dir, request)
+
+    api.route("POST", "/v1/models/fetch", models_fetch, mutating=True)
     return api
 
 
@@ -59,7 +67,9 @@ async def run_daemon(settings: Settings) -> None:
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     key_pair = load_or_create_identity(state_dir)
     metrics = Metrics()
-    node = Node(settings, key_pair, HardwareProbe(state_dir), metrics)
+    from hivenode.agent.model_fetch import blob_resolver
+
+    node = Node(settings, key_pair, HardwareProbe(state_dir), metrics, blob_resolver(state_dir))
     notifier = SystemdNotifier()
     socket_path = paths.control_socket(settings.runtime_dir)
     if settings.metrics_enabled:
@@ -68,7 +78,7 @@ async def run_daemon(settings: Settings) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(node.run)
-            await nursery.start(build_control_api(node).serve, socket_path)
+            await nursery.start(build_control_api(node, state_dir).serve, socket_path)
             nursery.start_soon(_systemd_loop, node, notifier)
             notifier.ready()
             log.info(

@@ -10,7 +10,7 @@ import pytest
 import trio
 from swarm_helpers import local_swarm
 
-from hivenode.agent.blob_transfer import CHUNK_BYTES, PARTIAL_DIR, fetch_blob
+from hivenode.agent.blob_transfer import CHUNK_BYTES, fetch_blob
 from hivenode.agent.errors import RpcError
 
 SIZE = 3 * CHUNK_BYTES + 12345
@@ -31,7 +31,7 @@ def resolver(directory: Path):  # type: ignore[no-untyped-def]
 async def test_a_broken_fetch_resumes_without_resending_what_arrived(tmp_path: Path) -> None:
     served = tmp_path / "served"
     sha, data = make_blob(served)
-    fetched = tmp_path / "fetched"
+    partial = tmp_path / "fetched" / "blob.part"
     async with local_swarm(tmp_path) as start:
         owner = await start("owner", blob_resolver=resolver(served))
         fetcher = await start("fetcher", bootstrap=[owner])
@@ -45,13 +45,12 @@ async def test_a_broken_fetch_resumes_without_resending_what_arrived(tmp_path: P
                 fetcher.swarm.host,
                 owner.peer_id,
                 sha,
-                fetched,
+                partial,
                 timeout=10,
                 progress=stop_after_two_chunks,
             )
-        partial = fetched / PARTIAL_DIR / sha
         assert partial.stat().st_size == 2 * CHUNK_BYTES, "the break kept what arrived"
-        result = await fetch_blob(fetcher.swarm.host, owner.peer_id, sha, fetched, timeout=10)
+        result = await fetch_blob(fetcher.swarm.host, owner.peer_id, sha, partial, timeout=10)
         assert result.read_bytes() == data
         sent = owner.metrics.value("hivenode_blob_bytes_served_total")
         assert sent == SIZE, "every byte was sent exactly once"
@@ -69,14 +68,14 @@ async def test_unknown_blob_and_bad_hash_are_typed_errors(tmp_path: Path) -> Non
         liar = await start("liar", blob_resolver=resolver(liar_dir))
         fetcher = await start("fetcher", bootstrap=[owner, liar])
         with pytest.raises(RpcError) as missing:
-            await fetch_blob(fetcher.swarm.host, owner.peer_id, "f" * 64, tmp_path / "x", timeout=5)
+            await fetch_blob(fetcher.swarm.host, owner.peer_id, "f" * 64, tmp_path / "x.part", timeout=5)
         assert missing.value.code == "not_found"
         with pytest.raises(RpcError) as bad:
-            await fetch_blob(fetcher.swarm.host, liar.peer_id, wrong, tmp_path / "y", timeout=5)
+            await fetch_blob(fetcher.swarm.host, liar.peer_id, wrong, tmp_path / "y.part", timeout=5)
         assert bad.value.code == "bad_reply"
-        assert not (tmp_path / "y" / PARTIAL_DIR / wrong).exists(), "bad bytes are not kept"
+        assert not (tmp_path / "y.part").exists(), "bad bytes are not kept"
         with pytest.raises(RpcError) as malformed:
             await fetch_blob(
-                fetcher.swarm.host, owner.peer_id, "../etc/passwd", tmp_path / "z", timeout=5
+                fetcher.swarm.host, owner.peer_id, "../etc/passwd", tmp_path / "z.part", timeout=5
             )
         assert malformed.value.code == "bad_request"

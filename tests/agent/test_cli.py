@@ -73,9 +73,7 @@ def test_init_refuses_to_overwrite_without_force(home: Path, cli: Cli) -> None:
     assert config.read_bytes().endswith(b"# edited by hand\n")
 
 
-def test_init_with_force_rewrites_the_config_but_keeps_the_identity(
-    home: Path, cli: Cli
-) -> None:
+def test_init_with_force_rewrites_the_config_but_keeps_the_identity(home: Path, cli: Cli) -> None:
     config, state = home / "config.toml", home / "state"
     first = _init(cli, config, state)
     assert first.returncode == 0, first.stderr
