@@ -144,7 +144,6 @@ def main() -> None:
         rows += [
             (f"{label}: RSS MB (median)", figures["rss_mb"]),
             (f"{label}: RSS MB (max)", figures["rss_mb_max"]),
-            (f"{label}: USS MB", figures["uss_mb"]),
             (f"{label}: CPU % of one core (avg)", figures["cpu_percent_avg"]),
             (f"{label}: seconds sampled", figures["seconds"]),
         ]

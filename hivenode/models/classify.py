@@ -11,7 +11,7 @@ kinds, its weights' names and shapes. Rules, not guesses by a model: each one is
 - family: `nlp` when token embeddings feed a transformer/rnn/1-d cnn, `computer_vision` for 2-d
   and 3-d convolutions or patch embeddings, otherwise unknown.
 - subtype: `generation` for a language-model head, `detection`/`segmentation` for box/mask
-  heads, `classification` for a final `classifier`/`fc`/`head`/`logits` layer.
+  heads, `classification` for a dense layer named `classifier`/`fc`/`head`/`logits`/...
 """
 
 from __future__ import annotations
@@ -45,7 +45,10 @@ _PATCH = re.compile(r"(patch_embed|pixel|vision|image|visual)", re.I)
 _LM_HEAD = re.compile(r"(^|[./])(lm_head|lm_logits|decoder_head|generator)([./]|$)", re.I | re.M)
 _DETECTION = re.compile(r"(bbox|box_head|rpn|anchor|box_predictor|class_embed.*bbox)", re.I)
 _SEGMENTATION = re.compile(r"(mask_head|segmentation|seg_head|decode_head)", re.I)
-_CLASSIFIER = re.compile(r"(classifier|^fc$|[./]fc$|head|logits|cls|output_layer|^out$|fc_out)")
+_CLASSIFIER_SEGMENTS = {
+    "fc", "classifier", "head", "heads", "logits", "cls", "output_layer", "out", "fc_out",
+    "classification_head", "score", "dense_out",
+}  # fmt: skip
 
 
 def category(kind: str, shape: tuple[int, ...] | None = None) -> str:
@@ -137,14 +140,10 @@ def _subtype(layers: Sequence[LayerSummary], categories: Sequence[str], joined: 
         return "detection"
     if _SEGMENTATION.search(joined):
         return "segmentation"
-    weighted = [
-        (layer, kind)
-        for layer, kind in zip(layers, categories, strict=True)
-        if layer.parameters and kind not in ("norm", "batchnorm")
-    ]
-    if weighted:
-        last, kind = weighted[-1]
-        leaf = last.name.replace("/", ".").rsplit(".", 1)[-1].lower()
-        if kind == "linear" and _CLASSIFIER.search(leaf):
+    # A dense layer named like a classification head, wherever it sits: safetensors files
+    # list their tensors sorted by name, not in forward order.
+    for layer, kind in zip(layers, categories, strict=True):
+        segments = set(re.split(r"[./]", layer.name.lower()))
+        if kind == "linear" and layer.parameters and segments & _CLASSIFIER_SEGMENTS:
             return "classification"
     return None

@@ -14,6 +14,7 @@ import hashlib
 import logging
 import lzma
 import os
+import pickletools
 import zipfile
 import zlib
 from pathlib import Path
@@ -28,6 +29,8 @@ HASH_CHUNK_BYTES = 1024 * 1024
 MAX_DECOMPRESSED_BYTES = 8 * 1024**3
 """Compressed joblib files are scanned through a decompressor up to this many bytes."""
 
+_PICKLE_SUFFIXES = (".pkl", ".pickle", ".pt", ".pth", ".joblib", ".bin", ".ckpt")
+_PICKLE_OPCODES = frozenset(opcode.code for opcode in pickletools.opcodes)
 _ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
 _HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 _EXPECTED_FORMATS = {
@@ -110,13 +113,25 @@ def _identify(path: Path) -> ModelInfo:
         except ModelError as exc:
             if suffix == ".onnx":
                 raise ModelError(f"not a valid ONNX model ({exc})") from None
-    if head[:1] in b"(]}cK" and suffix in (".pkl", ".pickle", ".pt", ".pth", ".joblib", ".bin"):
-        return _identify_pickle_file(path, suffix)  # protocol 0/1 pickles have no header
+    if _may_be_old_pickle(path, head):  # protocol 0/1 pickles have no header
+        try:
+            return _identify_pickle_file(path, suffix)
+        except ModelError:
+            if suffix in _PICKLE_SUFFIXES:
+                raise
     named = f" (the {suffix} extension is only a hint)" if suffix else ""
     raise ModelError(
         "unrecognised content: not safetensors, a zip (torch, Keras, skops), HDF5, a pickle, "
         f"joblib or ONNX{named}"
     )
+
+
+def _may_be_old_pickle(path: Path, head: bytes) -> bool:
+    """Starts with a pickle opcode and ends with STOP: worth an opcode scan."""
+    with path.open("rb") as handle:
+        handle.seek(-1, os.SEEK_END)
+        last = handle.read(1)
+    return last == b"." and chr(head[0]) in _PICKLE_OPCODES
 
 
 def _identify_directory(path: Path) -> ModelInfo:

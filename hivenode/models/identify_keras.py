@@ -18,6 +18,8 @@ from hivenode.models.weights import Tensor, count, dtype_name, dtypes
 HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 _NOT_WEIGHTS = ("optimizer", "optimizer_weights", "compile_metrics", "metrics", "loss")
 _CLASSIFYING_ACTIVATIONS = ("softmax", "sigmoid")
+_GUESSED_KINDS = {2: "Dense", 3: "Conv1D", 4: "Conv2D", 5: "Conv3D"}
+"""A weights-only file names no layer classes: the main weight's rank is the best hint."""
 
 
 def is_keras_zip(names: set[str]) -> bool:
@@ -48,7 +50,8 @@ def identify_keras_h5(path: Path) -> ModelInfo:
     h5py = _h5py()
     with path.open("rb") as handle, h5py.File(handle, "r") as h5:
         raw_config = h5.attrs.get("model_config")
-        has_weights = "model_weights" in h5 or "layer_names" in h5.attrs
+        # Keras 2 weight files list layer_names; Keras 3 ones (.weights.h5) hold `layers/`.
+        has_weights = "model_weights" in h5 or "layer_names" in h5.attrs or "layers" in h5
         if raw_config is None and not has_weights:
             raise ModelError("HDF5 file holds no Keras model (no model_config, no weights)")
         version = h5.attrs.get("keras_version")
@@ -161,8 +164,8 @@ def _info(fmt: str, config: Any, tensors: list[Tensor], details: dict[str, Any])
     listed: set[str] = set()
     for layer in layers_config:
         name = str((layer.get("config") or {}).get("name") or layer.get("name") or "")
-        kind = str(layer.get("class_name") or "Layer")
-        if kind == "InputLayer":
+        class_name = str(layer.get("class_name") or "Layer")
+        if class_name == "InputLayer":
             continue
         listed.add(name)
         weights = per_layer.get(name, [])
@@ -170,15 +173,21 @@ def _info(fmt: str, config: Any, tensors: list[Tensor], details: dict[str, Any])
         summaries.append(
             LayerSummary(
                 name=name,
-                kind=kind,
+                kind=class_name,
                 parameters=sum(t.numel for t in weights),
                 shape=main.shape if main is not None else None,
             )
         )
     for name, weights in per_layer.items():
         if name not in listed:  # weights-only files, or weights of unlisted nested layers
+            main = max(weights, key=lambda t: len(t.shape))
             summaries.append(
-                LayerSummary(name=name, kind="Layer", parameters=sum(t.numel for t in weights))
+                LayerSummary(
+                    name=name,
+                    kind=_GUESSED_KINDS.get(len(main.shape), "Layer"),
+                    parameters=sum(t.numel for t in weights),
+                    shape=main.shape,
+                )
             )
     kind = classify(summaries, [layer.name for layer in summaries])
     subtype = kind.subtype

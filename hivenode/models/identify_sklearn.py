@@ -21,6 +21,7 @@ import numpy as np
 from hivenode.models.errors import ModelError
 from hivenode.models.info import Family, Framework, ModelInfo
 from hivenode.models.pickle_allowlist import is_allowed
+from hivenode.models.pickle_scan import KEEP_PAYLOAD_BYTES as KEEP_ARRAY_BYTES
 from hivenode.models.pickle_scan import Call, GlobalRef, PickleScan, walk
 from hivenode.models.pickled_numpy import ArrayInfo, as_array, scalar_value
 
@@ -36,13 +37,14 @@ _WRAPPERS["RandomizedSearchCV"] = "best_estimator_"
 _ARCHITECTURES = (
     ("tree_based", ("Tree", "Forest", "Boosting", "IsolationForest")),
     ("mlp", ("MLP",)),
+    ("linear", ("Linear",)),  # LinearSVC is a linear model before it is an SVM
     ("svm", ("SVC", "SVR", "OneClassSVM")),
     ("naive_bayes", ("NB",)),
     ("neighbors", ("Neighbors", "NearestCentroid")),
     ("clustering", ("KMeans", "DBSCAN", "Agglomerative", "Birch", "MeanShift", "Spectral")),
-    ("mixture", ("Gaussian", "Bayesian")),
+    ("mixture", ("Mixture",)),
     ("linear", ("Regression", "Ridge", "Lasso", "ElasticNet", "SGD", "Perceptron", "Lars",
-                "PassiveAggressive", "Huber", "TheilSen", "Linear", "Logistic")),
+                "PassiveAggressive", "Huber", "TheilSen", "Logistic", "ARD")),
 )  # fmt: skip
 
 
@@ -67,8 +69,8 @@ def skops_info(archive: zipfile.ZipFile) -> ModelInfo:
     globals_ = tuple(reader.globals)
     unsafe = tuple(name for name in globals_ if not is_allowed(name))
     info = _info(root, "skops", globals_, unsafe)
-    info.details["skops_protocol"] = schema.get("protocol") if isinstance(schema, dict) else None
-    return info
+    protocol = schema.get("protocol") if isinstance(schema, dict) else None
+    return info.model_copy(update={"details": {**info.details, "skops_protocol": protocol}})
 
 
 class _SkopsReader:
@@ -131,17 +133,19 @@ class _SkopsReader:
             with self.archive.open(name) as handle:
                 version = np.lib.format.read_magic(handle)
                 if version == (1, 0):
-                    shape, _, dtype = np.lib.format.read_array_header_1_0(handle)
+                    shape, fortran, dtype = np.lib.format.read_array_header_1_0(handle)
                 else:
-                    shape, _, dtype = np.lib.format.read_array_header_2_0(handle)
-                raw = handle.read(65536) if handle.seekable() else None
+                    shape, fortran, dtype = np.lib.format.read_array_header_2_0(handle)
+                kind = "structured" if dtype.names or dtype.kind == "V" else dtype.name
+                info = ArrayInfo(tuple(shape), kind, dtype.itemsize, spec=dtype.str)
+                if fortran or dtype.hasobject or info.nbytes > KEEP_ARRAY_BYTES:
+                    return info  # only small arrays' values are worth reading
+                raw = handle.read(info.nbytes)
         except (KeyError, ValueError, OSError) as exc:
             raise ModelError(f"skops archive: array {name} is missing or unreadable") from exc
-        kind = "structured" if dtype.names or dtype.kind == "V" else dtype.name
-        info = ArrayInfo(tuple(shape), kind, dtype.itemsize)
-        if raw is not None and len(raw) == info.nbytes:
-            info = ArrayInfo(info.shape, info.dtype, info.itemsize, raw=raw)
-        return info
+        if len(raw) != info.nbytes:
+            raise ModelError(f"skops archive: array {name} is truncated")
+        return ArrayInfo(info.shape, info.dtype, info.itemsize, raw=raw, spec=info.spec)
 
 
 def _flatten(values: Any) -> Iterator[Any]:
@@ -230,6 +234,8 @@ def _coefficients(state: dict[Any, Any]) -> dict[str, Any]:
                 sizes[name] = [list(array.shape) for array in arrays if array is not None]
         elif (array := as_array(value)) is not None:
             sizes[name] = list(array.shape)
+        elif isinstance(scalar_value(value), float):  # intercept_ of a single-output model
+            sizes[name] = []
     return sizes
 
 
@@ -309,7 +315,10 @@ def _info(root: Any, fmt: str, globals_: tuple[str, ...], unsafe: tuple[str, ...
     return ModelInfo(
         format=fmt,
         framework=Framework.SKLEARN,
-        family=Family.TABULAR,
+        # A text vectoriser in the pipeline means the features are words, not columns.
+        family=Family.NLP
+        if any("Vectorizer" in _class_name(other) for other in others)
+        else Family.TABULAR,
         subtype=_subtype(name, state),
         architecture=_architecture(name),
         parameters=parameters,

@@ -5,103 +5,34 @@ torch itself is never imported."""
 
 from __future__ import annotations
 
+import io
 import re
 import zipfile
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from hivenode.models.classify import classify
 from hivenode.models.errors import ModelError
-from hivenode.models.info import Framework, ModelInfo
-from hivenode.models.pickle_scan import Call, GlobalRef, Persistent, PickleScan, scan_bytes
+from hivenode.models.identify_torchscript import torchscript_classes, torchscript_info
+from hivenode.models.info import ModelInfo
+from hivenode.models.pickle_scan import Call, Persistent, PickleScan, scan_bytes
 from hivenode.models.pickle_scan import scan_stream as scan_pickle_stream
-from hivenode.models.weights import Tensor, count, dtype_name, dtypes
-from hivenode.models.weights import layer_summary as summarise
+from hivenode.models.torch_pickle import (
+    ITEMSIZES,
+    as_tensor,
+    class_of,
+    is_module,
+    storage_ids,
+    storage_keys,
+    storage_of,
+    torch_info,
+)
+from hivenode.models.weights import Tensor
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 """The first pickle of a pre-1.6 `torch.save` file holds this number."""
 MAX_DATA_PKL_BYTES = 512 * 1024 * 1024
 
-_RECONSTRUCTORS = {"copyreg._reconstructor", "copyreg.__newobj__", "copyreg.__newobj_ex__"}
 _OPTIMIZER_KEY = re.compile(r"optim|scheduler|scaler|sched", re.I)
-
-
-@dataclass(frozen=True)
-class TensorRef:
-    shape: tuple[int, ...]
-    dtype: str
-    storage: tuple[Any, ...] | None
-    requires_grad: bool | None
-    parameter: bool = False
-
-
-def as_tensor(value: Any) -> TensorRef | None:
-    """The tensor a scanned value rebuilds, or None when it is not one."""
-    if not isinstance(value, Call):
-        return None
-    name = value.func_name
-    args = value.args
-    if name in ("torch._utils._rebuild_parameter", "torch._utils._rebuild_parameter_with_state"):
-        inner = as_tensor(args[0]) if args else None
-        if inner is None:
-            return None
-        requires_grad = args[1] if len(args) > 1 and isinstance(args[1], bool) else None
-        return TensorRef(inner.shape, inner.dtype, inner.storage, requires_grad, parameter=True)
-    if name == "torch._tensor._rebuild_from_type_v2" and len(args) >= 3:
-        return as_tensor(Call(args[0], tuple(args[2]) if isinstance(args[2], tuple) else ()))
-    if name in (
-        "torch._utils._rebuild_tensor_v2",
-        "torch._utils._rebuild_tensor",
-        "torch._utils._rebuild_tensor_v3",
-        "torch._utils._rebuild_qtensor",
-    ):
-        if len(args) < 4 or not isinstance(args[2], tuple):
-            return None
-        storage, offset, size, stride = args[:4]
-        key, dtype = _storage(storage)
-        if name == "torch._utils._rebuild_tensor_v3" and len(args) > 6:
-            dtype = _torch_dtype(args[6]) or dtype
-        requires_grad = args[4] if len(args) > 4 and isinstance(args[4], bool) else None
-        shape = tuple(int(dim) for dim in size)
-        identity = (key, offset, shape, stride) if key is not None else None
-        return TensorRef(shape, dtype, identity, requires_grad)
-    if name == "torch._utils._rebuild_meta_tensor_no_storage" and len(args) >= 2:
-        shape = tuple(int(dim) for dim in args[1]) if isinstance(args[1], tuple) else ()
-        return TensorRef(shape, _torch_dtype(args[0]) or "unknown", None, None)
-    return None
-
-
-def _storage(value: Any) -> tuple[Any, str]:
-    """(key, dtype) of a persistent storage id `('storage', type, key, location, numel)`."""
-    if isinstance(value, Persistent) and isinstance(value.pid, tuple) and len(value.pid) >= 3:
-        storage_type = value.pid[1]
-        dtype = dtype_name(storage_type.name) if isinstance(storage_type, GlobalRef) else "unknown"
-        return value.pid[2], dtype
-    return None, "unknown"
-
-
-def _torch_dtype(value: Any) -> str | None:
-    if isinstance(value, GlobalRef) and value.module == "torch":
-        return dtype_name(value.name)
-    return None
-
-
-def class_of(call: Call) -> GlobalRef | None:
-    """The class an object is an instance of, through copyreg's reconstructors."""
-    if call.func_name in _RECONSTRUCTORS and call.args and isinstance(call.args[0], GlobalRef):
-        return call.args[0]
-    return call.func if isinstance(call.func, GlobalRef) else None
-
-
-def is_module(value: Any) -> bool:
-    return (
-        isinstance(value, Call)
-        and isinstance(value.state, dict)
-        and "_modules" in value.state
-        and "_parameters" in value.state
-    )
 
 
 # --- files ---------------------------------------------------------------------------------
@@ -128,23 +59,43 @@ def identify_torch_zip(path: Path, archive: zipfile.ZipFile) -> ModelInfo:
         raise ModelError(f"data.pkl of {info.file_size} bytes is over the limit")
     scan = scan_bytes(archive.read(info), torchscript=torchscript)
     missing = sorted(
-        {str(key) for key in _storage_keys(scan.root) if f"{prefix}data/{key}" not in names}
+        {str(key) for key in storage_keys(scan.root) if f"{prefix}data/{key}" not in names}
     )
     if missing:
         raise ModelError(f"torch archive lacks storages {', '.join(missing[:3])} (corrupt file)")
     if torchscript:
-        code = _torchscript_classes(archive, prefix)
-        return _torchscript_info(scan, code)
+        code = torchscript_classes(archive, prefix)
+        return torchscript_info(scan, code)
     return _pickle_info(scan, legacy=False)
 
 
 def identify_torch_legacy(stream: IO[bytes]) -> ModelInfo:
-    """The pre-1.6 format: magic, protocol version and sys-info pickles, then the object."""
+    """The pre-1.6 format: magic, protocol version and sys-info pickles, the object, the
+    list of storage keys, then each storage as an 8-byte element count and its bytes."""
     for what in ("magic number", "protocol version", "system info"):
         part = scan_pickle_stream(stream)
         if what == "magic number" and part.root != LEGACY_MAGIC:
             raise ModelError("pickle stream is not a legacy torch file")
-    return _pickle_info(scan_pickle_stream(stream), legacy=True)
+    scan = scan_pickle_stream(stream)
+    scan_pickle_stream(stream)  # the storage keys
+    expected = 0
+    for storage in {pid[2]: pid for pid in storage_ids(scan.root)}.values():
+        itemsize = ITEMSIZES.get(storage_of(Persistent(storage))[1])
+        if itemsize is not None and len(storage) > 4 and isinstance(storage[4], int):
+            expected += 8 + storage[4] * itemsize
+    have = _remaining(stream)
+    if have < expected:
+        raise ModelError(
+            f"truncated legacy torch file: its storages need {expected} bytes, {have} remain"
+        )
+    return _pickle_info(scan, legacy=True)
+
+
+def _remaining(stream: IO[bytes]) -> int:
+    here = stream.tell()
+    end = stream.seek(0, io.SEEK_END)
+    stream.seek(here)
+    return end - here
 
 
 def is_torch_pickle(scan: PickleScan) -> bool:
@@ -156,21 +107,13 @@ def pickle_info(scan: PickleScan) -> ModelInfo:
     return _pickle_info(scan, legacy=False)
 
 
-def _storage_keys(root: Any) -> Iterator[Any]:
-    from hivenode.models.pickle_scan import walk
-
-    for value in walk(root):
-        if isinstance(value, Persistent) and isinstance(value.pid, tuple) and len(value.pid) > 2:
-            yield value.pid[2]
-
-
 # --- what the pickle holds -----------------------------------------------------------------
 
 
 def _pickle_info(scan: PickleScan, *, legacy: bool) -> ModelInfo:
     details: dict[str, Any] = {"legacy_format": legacy} if legacy else {}
     fmt, tensors, kinds = _contents(scan, details)
-    return _info(fmt, tensors, kinds, scan, details)
+    return torch_info(fmt, tensors, kinds, scan, details)
 
 
 def zip_state_dict(path: Path) -> tuple[list[Tensor], tuple[str, ...]]:
@@ -273,93 +216,8 @@ def _module_tensors(root: Call, kinds: dict[str, str]) -> list[Tensor]:
                         Tensor(prefix + str(name), ref.shape, ref.dtype, ref.storage, buffer)
                     )
         children = state.get("_modules")
-        for name, child in children.items() if isinstance(children, dict) else ():
+        named = list(children.items()) if isinstance(children, dict) else []
+        for name, child in reversed(named):  # popped from the end: first child first
             if is_module(child):
                 pending.append((f"{prefix}{name}.", child))
     return tensors
-
-
-_CLASS_LINE = re.compile(r"^class (\w+)\(")
-_MEMBER_LINE = re.compile(r"^\s+__(parameters|buffers)__ = \[(.*)\]")
-
-
-def _torchscript_classes(
-    archive: zipfile.ZipFile, prefix: str
-) -> dict[str, tuple[set[str], set[str]]]:
-    """Class → (parameter names, buffer names), from the archive's TorchScript source, read
-    as text: `__parameters__ = ["weight", "bias", ]`."""
-    classes: dict[str, tuple[set[str], set[str]]] = {}
-    for name in archive.namelist():
-        if not (name.startswith(f"{prefix}code/") and name.endswith(".py")):
-            continue
-        module = name[len(f"{prefix}code/") : -len(".py")].replace("/", ".")
-        current: str | None = None
-        for line in archive.read(name).decode("utf-8", errors="replace").splitlines():
-            if match := _CLASS_LINE.match(line):
-                current = f"{module}.{match.group(1)}"
-                classes[current] = (set(), set())
-            elif current and (match := _MEMBER_LINE.match(line)):
-                members = set(re.findall(r'"([^"]*)"', match.group(2)))
-                classes[current][0 if match.group(1) == "parameters" else 1].update(members)
-    return classes
-
-
-def _torchscript_info(scan: PickleScan, code: dict[str, tuple[set[str], set[str]]]) -> ModelInfo:
-    tensors: list[Tensor] = []
-    kinds: dict[str, str] = {}
-    pending: list[tuple[str, Any]] = [("", scan.root)]
-    seen: set[int] = set()
-    while pending:
-        prefix, obj = pending.pop()
-        if not isinstance(obj, Call) or id(obj) in seen or not isinstance(obj.state, dict):
-            continue
-        seen.add(id(obj))
-        cls = class_of(obj)
-        kinds[prefix.rstrip(".")] = cls.name if cls else "Module"
-        members = code.get(cls.dotted) if cls else None
-        submodules: list[tuple[str, Any]] = []
-        for attr, value in obj.state.items():
-            ref = as_tensor(value)
-            if ref is not None:
-                if members is not None:
-                    buffer = str(attr) not in members[0]
-                else:
-                    buffer = ref.requires_grad is False
-                tensors.append(
-                    Tensor(prefix + str(attr), ref.shape, ref.dtype, ref.storage, buffer)
-                )
-            elif isinstance(value, Call):
-                submodules.append((f"{prefix}{attr}.", value))
-        pending.extend(reversed(submodules))
-    return _info("torchscript", tensors, kinds, scan, {"executable_code": True})
-
-
-def _info(
-    fmt: str,
-    tensors: list[Tensor],
-    kinds: dict[str, str],
-    scan: PickleScan,
-    details: dict[str, Any],
-) -> ModelInfo:
-    counts = count(tensors)
-    layers = summarise(tensors, kinds)
-    kind = classify(layers, [t.name for t in tensors])
-    details.update(
-        tensors=len(tensors),
-        buffers=counts.buffers,
-        buffer_elements=counts.buffer_elements,
-        globals=list(scan.globals),
-    )
-    return ModelInfo(
-        format=fmt,
-        framework=Framework.TORCH,
-        family=kind.family,
-        subtype=kind.subtype,
-        architecture=kind.architecture,
-        parameters=counts.parameters if tensors else None,
-        dtypes=dtypes(tensors),
-        safe=not scan.unsafe_globals,
-        unsafe_globals=scan.unsafe_globals,
-        layers=layers,
-        details=details,
-    )

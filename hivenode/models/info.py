@@ -44,8 +44,9 @@ class ModelInfo(WireModel):
     """Everything identification learns without running code from the file."""
 
     format: str
-    """torch_state_dict, torch_pickled_module, torchscript, safetensors, keras, keras_h5,
-    tf_savedmodel, sklearn_pickle, joblib, skops, onnx, hf_directory."""
+    """torch_state_dict, torch_pickled_module, torch_pickle, torchscript, safetensors, keras,
+    keras_h5, tf_savedmodel, sklearn_pickle, joblib, skops, onnx, hf_directory, or `pickle`
+    (a pickle whose contents were not recognised, malicious ones included)."""
     framework: Framework
     family: Family = Family.UNKNOWN
     subtype: str | None = None

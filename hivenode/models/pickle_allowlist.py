@@ -68,6 +68,11 @@ _PATTERNS = tuple(
         r"numpy\.random\._pickle\.__(randomstate|bit_generator|generator)_ctor",
         r"numpy\.random\.(_mt19937\.MT19937|_pcg64\.PCG64(DXSM)?|_philox\.Philox|_sfc64\.SFC64)",
         r"numpy\.random\.(mtrand\.RandomState|bit_generator\.SeedSequence|_generator\.Generator)",
+        r"numpy\.random\.bit_generator\.__pyx_unpickle_SeedSequence",
+        # Element-wise maths that FunctionTransformer and friends hold by reference.
+        r"numpy\.((_core|core)\._multiarray_umath\.)?(log(1p|2|10)?|exp(m1|2)?|sqrt|cbrt|square"
+        r"|abs(olute)?|negative|sign|(arc)?(sin|cos|tan)h?|floor|ceil|rint|trunc|reciprocal"
+        r"|clip|maximum|minimum|add|subtract|multiply|divide|true_divide|power)",
         r"scipy\.sparse\.(_\w+\.)?\w+_(matrix|array)",
         r"torch\._utils\._rebuild_(tensor(_v2|_v3)?|parameter(_with_state)?|qtensor"
         r"|sparse_tensor|nested_tensor|meta_tensor_no_storage|wrapper_subclass"
@@ -80,7 +85,7 @@ _PATTERNS = tuple(
         # Classes of torch.nn (modules, containers, quantised modules); functions excluded.
         r"torch\.(ao\.)?nn\.(modules|quantized|intrinsic|qat|utils\.parametrize)(\.\w+)*\.[A-Z]\w*",
         # Classes of scikit-learn; its functions are not needed to rebuild an estimator.
-        r"sklearn(\.\w+)*\.[A-Z]\w*",
+        r"sklearn(\.\w+)*\._?[A-Z]\w*",
         r"sklearn\.tree\._tree\.Tree|sklearn\._loss\.\w+\.\w+",
     )
 )

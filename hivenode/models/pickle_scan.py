@@ -14,64 +14,30 @@ from __future__ import annotations
 
 import io
 import pickletools
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-from typing import IO, Any
+from dataclasses import dataclass
+from typing import IO, Any, cast
 
 from hivenode.models.errors import ModelError
 from hivenode.models.pickle_allowlist import is_allowed, normalise
+from hivenode.models.pickle_values import Call, GlobalRef, OutOfBandBuffer, Persistent, walk
+
+__all__ = [
+    "Call",
+    "GlobalRef",
+    "Persistent",
+    "PickleScan",
+    "scan_bytes",
+    "scan_stream",
+    "walk",
+]
 
 JOBLIB_WRAPPER = "joblib.numpy_pickle.NumpyArrayWrapper"
+MAX_OPCODES = 20_000_000
+"""About half a minute of scanning; model pickles hold a few hundred thousand at most (array
+bytes and torch storages are single opcodes or live outside the pickle)."""
 KEEP_PAYLOAD_BYTES = 64 * 1024
 """joblib arrays up to this size keep their bytes (class labels and the like); larger ones are
 skipped, only their size is recorded."""
-
-
-@dataclass(frozen=True)
-class GlobalRef:
-    """A `module.name` the pickle would import."""
-
-    module: str
-    name: str
-
-    @property
-    def dotted(self) -> str:
-        return f"{self.module}.{self.name}"
-
-
-@dataclass(eq=False)
-class Call:
-    """An object the pickle would build by calling `func` (REDUCE, NEWOBJ, INST, OBJ)."""
-
-    func: Any
-    args: tuple[Any, ...] = ()
-    kwargs: dict[Any, Any] | None = None
-    state: Any = None
-    """What BUILD would pass to `__setstate__` (usually the instance `__dict__`)."""
-    items: list[Any] = field(default_factory=list)
-    """APPENDS onto the object (list subclasses)."""
-    entries: dict[Any, Any] = field(default_factory=dict)
-    """SETITEMS onto the object (dict subclasses)."""
-    payload: bytes | None = None
-    """joblib: the array bytes that follow the wrapper, when small enough to keep."""
-    payload_size: int | None = None
-    nested: Any = None
-    """joblib: the nested pickle that holds an object-dtype array."""
-
-    @property
-    def func_name(self) -> str:
-        return self.func.dotted if isinstance(self.func, GlobalRef) else "<dynamic>"
-
-
-@dataclass(frozen=True, eq=False)
-class Persistent:
-    """A persistent id (torch: `('storage', storage_type, key, location, numel)`)."""
-
-    pid: Any
-
-
-class OutOfBandBuffer:
-    """A protocol-5 buffer passed out of band: its bytes are not in the file."""
 
 
 @dataclass(frozen=True)
@@ -145,36 +111,6 @@ def scan_stream(
     )
 
 
-def walk(root: Any) -> Iterator[Any]:
-    """Every value reachable from `root`, each once (pickles can share and cycle)."""
-    seen: set[int] = set()
-    pending = [root]
-    while pending:
-        value = pending.pop()
-        if isinstance(value, str | bytes | int | float | bool) or value is None:
-            yield value
-            continue
-        if id(value) in seen:
-            continue
-        seen.add(id(value))
-        yield value
-        if isinstance(value, list | tuple):
-            pending.extend(value)
-        elif isinstance(value, dict):
-            pending.extend(value.keys())
-            pending.extend(value.values())
-        elif isinstance(value, Call):
-            pending.extend(
-                [value.func, value.args, value.kwargs, value.state, value.items, value.entries]
-            )
-            if value.nested is not None:
-                pending.append(value.nested)
-        elif isinstance(value, Persistent):
-            pending.append(value.pid)
-        elif isinstance(objects := getattr(value, "objects", None), list):
-            pending.extend(objects)  # object-dtype arrays (pickled_numpy.ArrayInfo)
-
-
 class _Mark:
     pass
 
@@ -217,8 +153,10 @@ class _Machine:
             stack = metastack.pop()
             return items
 
-        for opcode, arg, _pos in pickletools.genops(self.reader):
+        for opcode, arg, _pos in pickletools.genops(cast(IO[bytes], self.reader)):
             self.opcodes += 1
+            if self.opcodes > MAX_OPCODES:
+                raise ModelError(f"pickle has more than {MAX_OPCODES} opcodes (refusing to scan)")
             name = opcode.name
             if name in ("PROTO", "FRAME", "READONLY_BUFFER"):
                 continue
@@ -236,17 +174,17 @@ class _Machine:
             elif name == "DUP":
                 stack.append(stack[-1])
             elif name in ("PUT", "BINPUT", "LONG_BINPUT"):
-                memo[arg] = stack[-1]
+                memo[cast(int, arg)] = stack[-1]
             elif name == "MEMOIZE":
                 memo[len(memo)] = stack[-1]
             elif name in ("GET", "BINGET", "LONG_BINGET"):
-                stack.append(memo[arg])
+                stack.append(memo[cast(int, arg)])
             elif name in ("NONE", "NEWTRUE", "NEWFALSE"):
                 stack.append({"NONE": None, "NEWTRUE": True, "NEWFALSE": False}[name])
             elif name == "NEXT_BUFFER":
                 stack.append(OutOfBandBuffer())
             elif name == "BYTEARRAY8":
-                stack.append(bytes(arg))
+                stack.append(bytes(arg or b""))
             elif opcode.arg is not None and name not in _ARG_STRUCTURAL:
                 stack.append(arg)  # ints, floats, strings, bytes
             elif name in ("EMPTY_LIST", "EMPTY_SET"):
@@ -443,8 +381,15 @@ def _reduce(func: Any, args: Any) -> Any:
             return {}
         if dotted in _SETS:
             return list(args[0]) if args and isinstance(args[0], list | tuple) else []
-        if dotted == "_codecs.encode" and len(args) == 2 and isinstance(args[0], str):
-            # Protocol-2 pickles spell bytes as _codecs.encode(text, "latin1").
-            if args[1] in ("latin1", "latin-1") and all(ord(c) < 256 for c in args[0]):
-                return args[0].encode("latin-1")
+        # Protocol-2 pickles spell bytes as _codecs.encode(text, "latin1").
+        if (
+            dotted == "_codecs.encode"
+            and len(args) == 2
+            and isinstance(args[0], str)
+            and args[1] in ("latin1", "latin-1")
+            and all(ord(c) < 256 for c in args[0])
+        ):
+            return args[0].encode("latin-1")
+        if dotted == "builtins.bytes" and not args:
+            return b""
     return Call(func, args)

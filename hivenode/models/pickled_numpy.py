@@ -33,6 +33,8 @@ class ArrayInfo:
     raw: bytes | None = None
     objects: list[Any] | None = None
     """The elements of an object-dtype array (symbolic values)."""
+    spec: str | None = None
+    """numpy's dtype string with byte order (`>f8`, `<U3`), to decode `raw`."""
 
     @property
     def size(self) -> int:
@@ -52,7 +54,7 @@ class ArrayInfo:
         if self.raw is None or self.size > limit:
             return None
         try:
-            dtype = np.dtype(self.dtype)
+            dtype = np.dtype(self.spec or self.dtype)
             if dtype.hasobject or dtype.names or len(self.raw) != self.size * dtype.itemsize:
                 return None
             values: list[Any] = np.frombuffer(self.raw, dtype=dtype).tolist()
@@ -73,8 +75,8 @@ def dtype_of(value: Any) -> np.dtype[Any] | None:
     try:
         dtype = np.dtype(value.args[0])
         byteorder = state[1] if len(state) > 1 and isinstance(state[1], str) else "="
-        if dtype.kind in "biufcmM" and byteorder in "<>":
-            dtype = dtype.newbyteorder(byteorder)
+        if dtype.kind in "biufcmM" and byteorder in ("<", ">"):
+            dtype = dtype.newbyteorder("<" if byteorder == "<" else ">")
         itemsize = state[5] if len(state) > 5 and isinstance(state[5], int) else -1
         if dtype.kind in "VUS" and itemsize > 0 and itemsize != dtype.itemsize:
             names = state[3] if len(state) > 3 else None
@@ -130,7 +132,8 @@ def _info(shape: tuple[int, ...], dtype: np.dtype[Any], raw: Any) -> ArrayInfo:
         objects = list(raw) if isinstance(raw, list | tuple) else None
         return ArrayInfo(shape, "object", dtype.itemsize, objects=objects)
     name = "structured" if dtype.names or dtype.kind == "V" else dtype.name
-    return ArrayInfo(shape, name, dtype.itemsize, raw=raw if isinstance(raw, bytes) else None)
+    data = raw if isinstance(raw, bytes) else None
+    return ArrayInfo(shape, name, dtype.itemsize, raw=data, spec=dtype.str)
 
 
 def _from_reconstruct(call: Call) -> ArrayInfo | None:

@@ -62,8 +62,9 @@ SAFETENSORS_ITEMSIZE = {
     "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
 }  # fmt: skip
 
-_FLOATING = re.compile(r"(b?float|complex|q?u?int8$|qint)")
-"""Dtypes whose tensors can be learned weights (quantised int8 weights included)."""
+_WEIGHT_DTYPES = re.compile(r"(b?float|complex|q?u?int8$|qint)")
+"""Dtypes whose tensors can be learned weights (quantised int8 weights included); integer and
+bool tensors are counters, ids and masks: buffers."""
 
 BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked", "inv_freq", "masked_bias")
 """Tensors that are saved with the weights but are not parameters (torch buffers)."""
@@ -98,8 +99,7 @@ class Tensor:
         if self.buffer is not None:
             return self.buffer
         leaf = self.name.rsplit(".", 1)[-1].rsplit("/", 1)[-1]
-        is_integral = _FLOATING.match(self.dtype) is None and self.dtype not in ("int8", "uint8")
-        return leaf in BUFFER_SUFFIXES or is_integral
+        return leaf in BUFFER_SUFFIXES or _WEIGHT_DTYPES.match(self.dtype) is None
 
 
 @dataclass(frozen=True)

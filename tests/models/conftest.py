@@ -24,6 +24,7 @@ from torch import nn
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+
 @dataclass(frozen=True)
 class Built:
     """A model file a framework wrote, and the framework's own count of its parameters."""
@@ -176,8 +177,12 @@ def torch_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Built]:
     torch.save(tied.state_dict(), out / "tied.pt")
     built["tied_state_dict"] = Built(out / "tied.pt", parameter_count(tied))
 
-    checkpoint = {"epoch": 3, "model_state_dict": dqn.state_dict(),
-                  "optimizer_state_dict": torch.optim.Adam(dqn.parameters()).state_dict()}  # fmt: skip
+    optimizer = torch.optim.Adam(dqn.parameters())
+    checkpoint = {
+        "epoch": 3,
+        "model_state_dict": dqn.state_dict(),
+        "optimizer_state_dict": optimizer.state_dict(),
+    }
     torch.save(checkpoint, out / "checkpoint.pt")
     built["dqn_checkpoint"] = Built(out / "checkpoint.pt", parameter_count(dqn))
     torch.save(dqn.state_dict(), out / "dqn_legacy.pt", _use_new_zipfile_serialization=False)
@@ -241,10 +246,18 @@ def keras_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Built]:
     model.save(out / "cnn.keras")
     model.save(out / "cnn.h5")
     model.export(str(out / "cnn_savedmodel"), verbose=False)
+    model.save_weights(out / "cnn.weights.h5")
     count = model.count_params()
+    # A Lambda layer stores its function as marshalled Python bytecode in the config.
+    scaled = keras.Sequential(
+        [keras.Input((4,)), keras.layers.Lambda(lambda x: x * 2.0), keras.layers.Dense(2)]
+    )
+    scaled.save(out / "lambda.keras")
     return {
+        "lambda": Built(out / "lambda.keras", scaled.count_params()),
         "keras": Built(out / "cnn.keras", count),
         "keras_h5": Built(out / "cnn.h5", count),
+        "keras_weights": Built(out / "cnn.weights.h5", count),
         "savedmodel": Built(out / "cnn_savedmodel", count),
     }
 

@@ -12,10 +12,9 @@ import struct
 import subprocess
 import sys
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -103,7 +102,7 @@ def test_identify_reports_exact_parameters_and_kind(
     assert (info.format, info.framework, info.family, info.architecture, info.subtype) == (
         case.format, case.framework, case.family, case.architecture, case.subtype,
     )  # fmt: skip
-    assert info.dtypes and "float32" in info.dtypes or info.framework is Framework.SKLEARN
+    assert "float32" in info.dtypes or info.framework is Framework.SKLEARN
     assert info.size_bytes > 0 and len(info.sha256) == 64
     assert info.layers or info.framework is Framework.SKLEARN
     json.dumps(info.as_json())  # the CLI's --json must serialise
@@ -179,8 +178,18 @@ def test_keras_reports_input_shape_and_layers(keras_models: dict[str, Built]) ->
         assert info.input_shape == (None, 28, 28, 1)
         assert [layer.kind for layer in info.layers][:2] == ["Conv2D", "BatchNormalization"]
         assert info.safe
+    weights_only = identify(keras_models["keras_weights"].path)
+    assert weights_only.details["weights_only"] is True
+    assert weights_only.parameters == keras_models["keras_weights"].parameters
     saved = identify(keras_models["savedmodel"].path)
     assert saved.input_shape == (None, 28, 28, 1)
+
+
+def test_keras_lambda_carries_code_and_is_unsafe(keras_models: dict[str, Built]) -> None:
+    model = keras_models["lambda"]
+    info = identify(model.path)
+    assert not info.safe and "keras.layers.Lambda" in info.unsafe_globals
+    assert info.parameters == model.parameters
 
 
 def test_tied_weights_count_once(hf_models: dict[str, Built]) -> None:
@@ -274,6 +283,18 @@ def test_malicious_pickle_is_reported_and_never_run(
     assert not marker.exists()
     assert not info.safe
     assert {"os.system", "posix.system"} & set(info.unsafe_globals)
+
+
+def test_malicious_pickle_under_an_innocent_name(
+    tmp_path: Path, malicious_pickle: Callable[..., bytes]
+) -> None:
+    """Content decides: a protocol-0 pickle named notes.txt is still scanned and flagged."""
+    marker = tmp_path / "MARKER"
+    path = tmp_path / "notes.txt"
+    path.write_bytes(malicious_pickle(marker, 0))
+    info = identify(path)
+    assert not marker.exists()
+    assert info.format == "pickle" and "posix.system" in info.unsafe_globals
 
 
 def test_malicious_data_pkl_in_a_torch_archive(
