@@ -67,11 +67,12 @@ async def test_unknown_blob_and_bad_hash_are_typed_errors(tmp_path: Path) -> Non
         owner = await start("owner", blob_resolver=resolver(served))
         liar = await start("liar", blob_resolver=resolver(liar_dir))
         fetcher = await start("fetcher", bootstrap=[owner, liar])
+        host = fetcher.swarm.host
         with pytest.raises(RpcError) as missing:
-            await fetch_blob(fetcher.swarm.host, owner.peer_id, "f" * 64, tmp_path / "x.part", timeout=5)
+            await fetch_blob(host, owner.peer_id, "f" * 64, tmp_path / "x.part", timeout=5)
         assert missing.value.code == "not_found"
         with pytest.raises(RpcError) as bad:
-            await fetch_blob(fetcher.swarm.host, liar.peer_id, wrong, tmp_path / "y.part", timeout=5)
+            await fetch_blob(host, liar.peer_id, wrong, tmp_path / "y.part", timeout=5)
         assert bad.value.code == "bad_reply"
         assert not (tmp_path / "y.part").exists(), "bad bytes are not kept"
         with pytest.raises(RpcError) as malformed:
