@@ -5,7 +5,7 @@ and int4 ones (quantised weights); int32/int64/bool initializers are shapes and 
 
 from __future__ import annotations
 
-import mmap
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,7 +13,14 @@ from pathlib import Path
 from hivenode.models.classify import classify
 from hivenode.models.errors import ModelError
 from hivenode.models.info import Framework, LayerSummary, ModelInfo
-from hivenode.models.protowire import as_bytes, as_int, as_str, iter_fields, packed_varints
+from hivenode.models.protowire import (
+    as_bytes,
+    as_int,
+    as_str,
+    iter_fields,
+    mapped,
+    packed_varints,
+)
 
 # onnx.TensorProto.DataType
 ONNX_DTYPES = {
@@ -36,10 +43,7 @@ class _Initializer:
 
     @property
     def numel(self) -> int:
-        total = 1
-        for dim in self.dims:
-            total *= dim
-        return total
+        return math.prod(self.dims)
 
 
 @dataclass
@@ -57,12 +61,8 @@ def looks_like_onnx(head: bytes) -> bool:
 
 
 def identify_onnx(path: Path) -> ModelInfo:
-    with path.open("rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
-        view = memoryview(data)
-        try:
-            return _identify(view)
-        finally:
-            view.release()
+    with mapped(path) as view:
+        return _identify(view)
 
 
 def _identify(view: memoryview) -> ModelInfo:

@@ -4,7 +4,6 @@ function is loaded or run, and TensorFlow is not imported."""
 
 from __future__ import annotations
 
-import mmap
 from collections import Counter
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from hivenode.models.protowire import (
     as_int,
     as_str,
     iter_fields,
+    mapped,
     signed64,
 )
 from hivenode.models.weights import Tensor, count, dtypes
@@ -46,12 +46,8 @@ def identify_savedmodel(path: Path) -> ModelInfo:
     pb = path / "saved_model.pb"
     if pb.stat().st_size == 0:
         raise ModelError("saved_model.pb is empty")
-    with pb.open("rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
-        view = memoryview(data)
-        try:
-            return _identify(view)
-        finally:
-            view.release()
+    with mapped(pb) as view:
+        return _identify(view)
 
 
 def _identify(view: memoryview) -> ModelInfo:

@@ -3,7 +3,10 @@ without their generated classes, over a memory map, copying nothing it does not 
 
 from __future__ import annotations
 
+import mmap
 from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import NamedTuple
 
 from hivenode.models.errors import ModelError
@@ -19,6 +22,18 @@ class Field(NamedTuple):
     wire_type: int
     value: int | memoryview
     """An int for varint and fixed fields, a view of the bytes for length-delimited ones."""
+
+
+@contextmanager
+def mapped(path: Path) -> Iterator[memoryview]:
+    """The file's bytes, memory-mapped: protobuf fields are parsed without reading the
+    weights they skip over."""
+    with path.open("rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        view = memoryview(data)
+        try:
+            yield view
+        finally:
+            view.release()
 
 
 def read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
