@@ -190,20 +190,28 @@ class Node:
 
     async def _anti_entropy_loop(self) -> None:
         """Now and then pull a connected peer's table: whatever gossip lost (queues that
-        overflowed, a mesh not formed yet) comes back. While pulls keep bringing news (the
-        swarm is forming) the next one comes soon; once they bring nothing, once a period."""
+        overflowed, a mesh not formed yet) comes back. While pulls bring news or fail (the
+        swarm is forming, the loop is busy) the next one comes soon, backing off up to a
+        period; once they bring nothing, once a period."""
         await trio.sleep(FIRST_PULL_DELAY)
+        retry = FIRST_PULL_DELAY
         while True:
-            merged = 0
-            connected = [p for p in self.connected_peers() if p in self.peer_table]
+            merged, failed = 0, False
+            connected = self.connected_peers()  # a leaf may not hold its hub's advert yet
             if connected:
                 peer_id = random.choice(connected)
                 try:
                     merged = await self.fetch_peer_table(peer_id)
                 except RpcError as exc:
+                    failed = True
                     log.debug("anti-entropy pull from %s failed: %s", peer_id, exc)
-            delay = FIRST_PULL_DELAY if merged else self.current_period()
-            await trio.sleep(delay * random.uniform(0.5, 1.0))
+            if merged:
+                retry = FIRST_PULL_DELAY
+            elif failed:
+                retry = min(retry * 2, self.current_period())
+            else:
+                retry = self.current_period()
+            await trio.sleep(retry * random.uniform(0.5, 1.0))
 
     async def connect(self, addr: str) -> str:
         """Dial a `/…/p2p/<id>` multiaddr; returns the peer id."""

@@ -230,3 +230,23 @@ async def test_private_swarm_admits_only_nodes_with_its_key(tmp_path: Path) -> N
         assert member.state.bootstrap_reached == {hub.peer_id}
         assert outsider.state.bootstrap_reached == set()
         assert outsider.peer_id not in hub.peer_table
+
+
+async def test_a_malformed_pubsub_rpc_does_not_take_the_node_down(tmp_path: Path) -> None:
+    from libp2p.custom_types import TProtocol
+    from libp2p.peer.id import ID
+    from libp2p.pubsub.gossipsub import PROTOCOL_ID
+
+    async with local_swarm(tmp_path) as start:
+        hub = await start("hub")
+        attacker = await start("attacker", bootstrap=[hub])
+        friend = await start("friend", bootstrap=[hub])
+        stream = await attacker.swarm.host.new_stream(
+            ID.from_base58(hub.peer_id), [TProtocol(PROTOCOL_ID)]
+        )
+        garbage = b"\xff\xff\xff\xff not a protobuf RPC at all"
+        await stream.write(bytes([len(garbage)]) + garbage)
+        await trio.sleep(0.5)
+        status = await friend.remote_status(hub.peer_id)
+        assert status["peer_id"] == hub.peer_id
+        await wait_until(lambda: friend.peer_id in hub.peer_table, 15, "gossip still flows")
