@@ -41,6 +41,7 @@ ADVERT_CHECK_PERIOD = 5.0
 MIN_ADVERT_SPACING = 1.0
 """No origin's adverts are accepted, nor ours sent, more often than this."""
 MESH_WAIT = 5.0
+MESH_RETRY = 2.0
 """How long a joiner waits for a gossip mesh before its first advert (else it reaches nobody)."""
 BOOTSTRAP_RETRY = 10.0
 DIAL_ADDR_TTL = 120
@@ -197,9 +198,12 @@ class Node:
         retry = FIRST_PULL_DELAY
         while True:
             merged, failed = 0, False
-            connected = self.connected_peers()  # a leaf may not hold its hub's advert yet
+            connected = self.connected_peers()
+            # a connection whose advert we lack (its first one reached nobody, or we missed
+            # it) holds at least that advert: ask it first
+            unknown = [p for p in connected if p not in self.peer_table]
             if connected:
-                peer_id = random.choice(connected)
+                peer_id = random.choice(unknown or connected)
                 try:
                     merged = await self.fetch_peer_table(peer_id)
                 except RpcError as exc:
@@ -280,7 +284,10 @@ class Node:
             await self.swarm.pubsub.publish(ADVERTS_TOPIC, advert.to_wire())
             self.state.last_advert, self.state.last_advert_at = advert, time.monotonic()
             self.metrics.adverts_sent.inc()
-            next_due = time.monotonic() + self.current_period() * random.uniform(0.85, 1.0)
+            period = self.current_period() * random.uniform(0.85, 1.0)
+            if self.connected_peers() and not self.swarm.gossipsub.mesh.get(ADVERTS_TOPIC):
+                period = MESH_RETRY  # published to nobody: say it again once a mesh exists
+            next_due = time.monotonic() + period
 
     def announce(self) -> None:
         """Publish an advert now (something in it changed)."""
