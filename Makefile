@@ -27,6 +27,8 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_swarm.py
 	$(BIN)/python benchmarks/bench_idle.py
+	$(BIN)/python benchmarks/bench_status.py
+	$(BIN)/python benchmarks/bench_identify.py
 
 clean:
 	rm -rf $(VENV) build dist .mypy_cache .ruff_cache
