@@ -118,9 +118,10 @@ def journald_logging_prefix_enabled(
 ) -> bool:
     """Whether `stream` (default stderr) is connected to journald.
 
-    `$JOURNAL_STREAM` holds the `device:inode` of the stream systemd connected; the systemd.exec manual
-    asks programs to compare it with their own stderr, because the variable is inherited by
-    children and shells whose stderr goes elsewhere (a terminal would show raw `<6>` prefixes).
+    `$JOURNAL_STREAM` holds the `device:inode` of the stream systemd connected; the
+    systemd.exec manual asks programs to compare it with their own stderr, because the
+    variable is inherited by children and shells whose stderr goes elsewhere (a terminal
+    would show raw `<6>` prefixes).
     """
     env = os.environ if environ is None else environ
     value = env.get("JOURNAL_STREAM")
