@@ -6,6 +6,9 @@ import itertools
 import time
 from collections.abc import Iterator
 
+ADVERT_CHECK_PERIOD = 5.0
+"""How often a node looks for a change worth re-announcing at once (roles, GPUs, models)."""
+
 
 def advert_period(known_peers: int, min_period: float, deliveries_per_s: float) -> float:
     """Seconds between a node's adverts so that each node receives about `deliveries_per_s`.

@@ -16,6 +16,7 @@ from hivenode.agent.hardware import HardwareProbe
 from hivenode.agent.identity import load_or_create_identity
 from hivenode.agent.metrics import Metrics
 from hivenode.agent.node import Node
+from hivenode.agent.node_views import peers_view, status_view
 from hivenode.agent.settings import Settings
 from hivenode.agent.systemd import SystemdNotifier
 
@@ -31,18 +32,18 @@ def build_control_api(node: Node, state_dir: Path) -> ControlApi:
     api = ControlApi()
 
     async def status(request: Request, params: dict[str, str]) -> Any:
-        return node.status()
+        return status_view(node)
 
     async def peers(request: Request, params: dict[str, str]) -> Any:
-        return node.peers()
+        return peers_view(node)
 
     async def hardware(request: Request, params: dict[str, str]) -> Any:
-        return node.status()["hardware"]
+        return status_view(node)["hardware"]
 
     async def remote_status(request: Request, params: dict[str, str]) -> Any:
         peer_id = params["peer_id"]
         if peer_id == node.peer_id:
-            return node.status()
+            return status_view(node)
         try:
             return dict(await node.remote_status(peer_id))
         except RpcError as exc:

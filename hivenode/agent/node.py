@@ -13,13 +13,14 @@ import trio
 
 from hivenode import __version__
 from hivenode.agent import rpc
-from hivenode.agent.adverts import advert_period, sequence_numbers
+from hivenode.agent.adverts import ADVERT_CHECK_PERIOD, advert_period, sequence_numbers
 from hivenode.agent.blob_transfer import BLOB_PROTOCOL, BlobResolver, blob_handler
 from hivenode.agent.errors import RpcError
 from hivenode.agent.gossip import GossipMessage, drain_topic, peek_signed, verify_signed
 from hivenode.agent.hardware import HardwareProbe, probe_load
 from hivenode.agent.host import SwarmHost, running_host
 from hivenode.agent.metrics import Metrics
+from hivenode.agent.node_views import status_view
 from hivenode.agent.peer_table import PeerTable, Update
 from hivenode.agent.settings import Settings
 from hivenode.protocol.advert import Advert, Hardware
@@ -36,8 +37,6 @@ log = logging.getLogger(__name__)
 PEER_TABLE_LIMITS = Limits(max_header_bytes=16 * 1024**2, max_tensors=0, max_total_bytes=0)
 """A peer table of a few thousand adverts; still bounded so a hostile peer cannot balloon it."""
 
-ADVERT_CHECK_PERIOD = 5.0
-"""How often the node looks for a change worth re-announcing at once (roles, GPUs, models)."""
 MIN_ADVERT_SPACING = 1.0
 """No origin's adverts are accepted, nor ours sent, more often than this."""
 MESH_WAIT = 5.0
@@ -89,7 +88,8 @@ class Node:
         self.joined = trio.Event()
         """Set once the first round of bootstrap dials has finished, reached or not."""
         self._advert_now = trio.Event()
-        self._hardware: Hardware | None = None
+        self.hardware: Hardware | None = None
+        """The last hardware probe, refreshed before each advert."""
         self._nursery: trio.Nursery | None = None
 
     # --- lifecycle -------------------------------------------------------------------------
@@ -125,7 +125,7 @@ class Node:
             self._stopped.set()
 
     async def _run(self, task_status: Any) -> None:
-        self._hardware = await trio.to_thread.run_sync(self.probe.refresh)
+        self.hardware = await trio.to_thread.run_sync(self.probe.refresh)
         async with running_host(
             self.key_pair,
             self.settings.listen_addrs,
@@ -273,8 +273,8 @@ class Node:
             with trio.move_on_after(max(0.0, wait)):
                 await self._advert_now.wait()
             self._advert_now = trio.Event()
-            self._hardware = await trio.to_thread.run_sync(self.probe.refresh)
-            advert = self.build_advert(self._hardware)
+            self.hardware = await trio.to_thread.run_sync(self.probe.refresh)
+            advert = self.build_advert(self.hardware)
             last = self.state.last_advert
             if last is not None and last.same_content(advert) and time.monotonic() < next_due:
                 continue
@@ -413,7 +413,7 @@ class Node:
     async def _serve_status(self, request: Message, caller: str) -> Mapping[str, Any]:
         self._expect(request, "status")
         self.metrics.requests.labels(protocol="status").inc()
-        return self.status()
+        return status_view(self)
 
     async def _serve_peer_table(self, request: Message, caller: str) -> Mapping[str, Any]:
         self._expect(request, "peer_table")
@@ -483,76 +483,6 @@ class Node:
             limits=limits,
         )
         return reply.body
-
-    # --- views -----------------------------------------------------------------------------
-
-    def status(self) -> dict[str, Any]:
-        now = time.time()
-        connected = self.connected_peers() if self._swarm else []
-        since_advert = (
-            time.monotonic() - self.state.last_advert_at if self.state.last_advert else None
-        )
-        return {
-            "peer_id": self.peer_id,
-            "agent_version": __version__,
-            "addrs": self.swarm.listen_addrs() if self._swarm else [],
-            "roles": [r.value for r in self.settings.roles],
-            "uptime_s": round(now - self.state.started_at, 3),
-            "peers": len(self.peer_table),
-            "connections": len(connected),
-            "advert_period_s": round(self.current_period(), 3),
-            "adverts": {
-                "sent": self.metrics.value("hivenode_adverts_sent_total"),
-                "received": self.metrics.value("hivenode_adverts_received_total"),
-            },
-            "hardware": self._hardware.model_dump(mode="json") if self._hardware else None,
-            "load": probe_load(self.running_tasks).model_dump(mode="json"),
-            "health": self._health(connected, since_advert),
-        }
-
-    def _health(self, connected: list[str], since_advert: float | None) -> list[dict[str, Any]]:
-        wanted = len(self.settings.bootstrap_peers)
-        reached = len(self.state.bootstrap_reached)
-        period = self.current_period()
-        return [
-            {
-                "check": "swarm",
-                "ok": bool(connected) or wanted == 0,
-                "detail": f"{len(connected)} connections, {len(self.peer_table)} peers known",
-            },
-            {
-                "check": "bootstrap",
-                "ok": wanted == 0 or reached > 0,
-                "detail": f"reached {reached} of {wanted} bootstrap peers",
-            },
-            {
-                "check": "adverts",
-                "ok": since_advert is not None and since_advert < 2 * period + ADVERT_CHECK_PERIOD,
-                "detail": "none sent yet"
-                if since_advert is None
-                else f"last sent {since_advert:.0f} s ago (period {period:.0f} s)",
-            },
-        ]
-
-    def peers(self) -> list[dict[str, Any]]:
-        now = time.time()
-        rows = []
-        for entry in self.peer_table.entries():
-            advert = entry.advert
-            rows.append(
-                {
-                    "peer_id": advert.origin,
-                    "addrs": list(advert.addrs),
-                    "roles": [r.value for r in advert.roles],
-                    "agent_version": advert.agent_version,
-                    "hardware": advert.hardware.model_dump(mode="json"),
-                    "load": advert.load.model_dump(mode="json"),
-                    "rtt_ms": None if entry.rtt_s is None else round(entry.rtt_s * 1000, 3),
-                    "last_seen_s": round(now - entry.received_at, 3),
-                    "expires_in_s": round(entry.expires_at() - now, 3),
-                }
-            )
-        return rows
 
 
 def _table_item(item: Any) -> tuple[bytes | None, float]:

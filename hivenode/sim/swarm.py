@@ -1,8 +1,8 @@
 """`hivenode sim swarm`: N real nodes on 127.0.0.1, timed until every peer table is full.
 
-Nodes use the same advert settings as a real node. They join through one hub, or two for
-swarms over 30 nodes (each hub then meshes with about half the swarm, below the default
-`gossip.degree_high`, so no hub prunes a leaf out of its mesh).
+Nodes use the same advert settings as a real node. They join through one hub, or one hub
+per `LEAVES_PER_HUB` nodes in swarms over 30 (each hub then meshes with fewer peers than the
+default `gossip.degree_high`, so no hub prunes a leaf out of its mesh).
 """
 
 from __future__ import annotations
@@ -18,7 +18,9 @@ import psutil
 
 from hivenode.agent.settings import Settings
 
-TWO_HUBS_ABOVE = 30
+ONE_HUB_UP_TO = 30
+LEAVES_PER_HUB = 50
+"""Below `GossipSettings.degree_high` (64) with room for the links between hubs."""
 
 
 @dataclass
@@ -104,7 +106,7 @@ def quiet_libp2p() -> None:
 
 
 def hub_count(nodes: int) -> int:
-    return 2 if nodes > TWO_HUBS_ABOVE else 1
+    return 1 if nodes <= ONE_HUB_UP_TO else max(2, -(-nodes // LEAVES_PER_HUB))
 
 
 def sim_settings(base_dir: Path, index: int, bootstrap: list[str]) -> Settings:
