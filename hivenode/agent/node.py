@@ -40,11 +40,15 @@ PEER_TABLE_LIMITS = Limits(max_header_bytes=16 * 1024**2, max_tensors=0, max_tot
 MIN_ADVERT_SPACING = 1.0
 """No origin's adverts are accepted, nor ours sent, more often than this."""
 MESH_WAIT = 5.0
-MESH_RETRY = 2.0
 """How long a joiner waits for a gossip mesh before its first advert (else it reaches nobody)."""
+MESH_RETRY = 2.0
+"""An advert sent while the mesh was still empty reached nobody: the next goes out this soon."""
 BOOTSTRAP_RETRY = 10.0
+"""Seconds between checks that a connection is left (else the bootstrap peers are re-dialled)."""
 DIAL_ADDR_TTL = 120
+"""Seconds libp2p keeps a peer's advertised addresses after we dialled it."""
 FIRST_PULL_DELAY = 5.0
+"""The first anti-entropy pull after joining, and the pace while pulls bring news."""
 
 
 @dataclass
@@ -288,10 +292,6 @@ class Node:
             if self.connected_peers() and not self.swarm.gossipsub.mesh.get(ADVERTS_TOPIC):
                 period = MESH_RETRY  # published to nobody: say it again once a mesh exists
             next_due = time.monotonic() + period
-
-    def announce(self) -> None:
-        """Publish an advert now (something in it changed)."""
-        self._advert_now.set()
 
     def _on_advert(self, message: GossipMessage) -> None:
         if message.origin == self.peer_id:  # our own, signed: what joiners fetch from us

@@ -77,9 +77,6 @@ class PeerTable:
             del self._entries[peer_id]
         return gone
 
-    def remove(self, peer_id: str) -> None:
-        self._entries.pop(peer_id, None)
-
     def get(self, peer_id: str) -> PeerEntry | None:
         return self._entries.get(peer_id)
 
