@@ -111,9 +111,9 @@ class ControlApi:
                 try:
                     request = await _read_request(stream)
                 except (h11.RemoteProtocolError, ApiError) as exc:
-                    await _send(
-                        stream, h11.Connection(h11.SERVER), Response(400, {"error": str(exc)})
-                    )
+                    status = exc.status if isinstance(exc, ApiError) else 400
+                    reply = Response(status, {"error": str(exc)})
+                    await _send(stream, h11.Connection(h11.SERVER), reply)
                     return
                 if request is None:
                     return

@@ -96,3 +96,31 @@ async def test_mutating_call_from_another_uid_is_refused(tmp_path: Path) -> None
         nursery.cancel_scope.cancel()
     shutil.rmtree(reachable)
     assert result.stdout.strip() == "403", result.stderr
+
+
+async def test_garbage_and_oversized_requests_get_http_errors(tmp_path: Path) -> None:
+    import socket
+
+    from hivenode.agent.control import MAX_REQUEST_BYTES
+
+    async with trio.open_nursery() as nursery:
+        path = await serve(tmp_path, nursery)
+
+        def send(raw: bytes) -> bytes:
+            with socket.socket(socket.AF_UNIX) as sock:
+                sock.settimeout(10)
+                sock.connect(str(path))
+                try:
+                    sock.sendall(raw)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the server answered and closed before reading it all
+                return sock.recv(4096)
+
+        garbage = await trio.to_thread.run_sync(send, b"\x00\x01 not http\r\n\r\n")
+        assert garbage.startswith(b"HTTP/1.1 400")
+        size = MAX_REQUEST_BYTES + 10
+        big = f"POST /v1/change HTTP/1.1\r\nhost: x\r\ncontent-length: {size}\r\n\r\n"
+        oversized = await trio.to_thread.run_sync(send, big.encode() + b"x" * size)
+        assert oversized.startswith(b"HTTP/1.1 413")
+        assert await trio.to_thread.run_sync(call, path, "GET", "/v1/hello") == {"hello": "world"}
+        nursery.cancel_scope.cancel()
