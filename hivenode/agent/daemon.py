@@ -38,7 +38,7 @@ def build_control_api(node: Node, state_dir: Path) -> ControlApi:
         return peers_view(node)
 
     async def hardware(request: Request, params: dict[str, str]) -> Any:
-        return status_view(node)["hardware"]
+        return node.hardware.model_dump(mode="json") if node.hardware else None
 
     async def remote_status(request: Request, params: dict[str, str]) -> Any:
         peer_id = params["peer_id"]
