@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import platform
 import shutil
 import signal
@@ -23,18 +22,8 @@ from typing import Any
 
 import psutil
 
-# Variables that would make a benchmark daemon read someone else's config, state or sockets,
-# or talk to a service manager: a benchmark node must depend only on its own temp dirs.
-FOREIGN_ENV_PREFIXES = ("HIVENODE_",)
-FOREIGN_ENV_NAMES = (
-    "STATE_DIRECTORY",
-    "RUNTIME_DIRECTORY",
-    "CONFIGURATION_DIRECTORY",
-    "NOTIFY_SOCKET",
-    "WATCHDOG_USEC",
-    "WATCHDOG_PID",
-    "JOURNAL_STREAM",
-)
+from hivenode.sim.environment import isolated_environment
+
 READY_TIMEOUT = 60.0
 STOP_TIMEOUT = 15.0
 
@@ -112,11 +101,7 @@ def rounded(value: float | None, digits: int = 1) -> float | None:
 
 
 def clean_env() -> dict[str, str]:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(FOREIGN_ENV_PREFIXES) and k not in FOREIGN_ENV_NAMES
-    }
+    env = isolated_environment()
     env["PYTHONUNBUFFERED"] = "1"
     return env
 

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -15,6 +14,7 @@ from typing import Any
 
 from hivenode.agent.control_client import ControlError, call
 from hivenode.agent.paths import SOCKET_NAME
+from hivenode.sim.environment import isolated_environment
 from hivenode.sim.swarm import SwarmReport, hub_count, make_report, progress_bar, rss_mb
 
 START_TIMEOUT = 60.0
@@ -42,7 +42,7 @@ class Daemon:
         ]
         for addr in bootstrap:
             args += ["--bootstrap", addr]
-        env = {k: v for k, v in os.environ.items() if not k.startswith("HIVENODE_")}
+        env = isolated_environment()
         self.dir.mkdir(parents=True)
         self.log = (self.dir / "log").open("wb")
         self.process = subprocess.Popen(args, env=env, stdout=self.log, stderr=subprocess.STDOUT)

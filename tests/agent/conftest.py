@@ -19,6 +19,7 @@ import pytest
 
 from hivenode.agent.control_client import ControlError, call
 from hivenode.agent.paths import control_socket
+from hivenode.sim.environment import isolated_environment
 
 HIVENODE = Path(sys.executable).parent / "hivenode"
 """The console script of this virtualenv: what a user runs (not `python -m`)."""
@@ -31,17 +32,6 @@ SHORT_ADVERTS = {"HIVENODE_ADVERT_PERIOD": "2", "HIVENODE_ADVERT_TTL_PERIODS": "
 """Adverts every 2 s with a TTL of 2 periods, so that expiry is observable in a test."""
 
 
-_INHERITED_VARIABLES = (
-    "STATE_DIRECTORY",
-    "RUNTIME_DIRECTORY",
-    "CONFIGURATION_DIRECTORY",
-    "NOTIFY_SOCKET",
-    "WATCHDOG_USEC",
-    "WATCHDOG_PID",
-    "JOURNAL_STREAM",
-)
-
-
 def short_tempdir() -> Path:
     """A fresh directory with a short path: a unix socket path must fit in 108 bytes."""
     base = "/tmp" if os.path.isdir("/tmp") else None
@@ -51,11 +41,7 @@ def short_tempdir() -> Path:
 def clean_env(home: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """This process's environment without any HIVENODE_* or systemd variable, with the XDG
     directories under `home` so that no user config or socket on this machine leaks in."""
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if not key.startswith("HIVENODE_") and key not in _INHERITED_VARIABLES
-    }
+    env = isolated_environment()
     for name in ("XDG_CONFIG_HOME", "XDG_STATE_HOME", "XDG_RUNTIME_DIR", "XDG_CACHE_HOME"):
         directory = home / "xdg" / name.lower()
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)

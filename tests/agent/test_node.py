@@ -11,6 +11,7 @@ import trio
 from swarm_helpers import local_swarm, wait_until
 
 from hivenode.agent.errors import RpcError
+from hivenode.agent.node import Node
 from hivenode.agent.rpc import StreamAdapter, request
 from hivenode.protocol.advert import Advert
 from hivenode.protocol.ids import ADVERTS_TOPIC, PEER_TABLE_PROTOCOL, STATUS_PROTOCOL
@@ -59,6 +60,10 @@ async def raw_exchange(client_node, server_id: str, protocol: str, payload: byte
     return reply
 
 
+def rejected(node: Node, where: str, reason: str) -> float:
+    return node.metrics.value("hivenode_messages_rejected_total", where=where, reason=reason)
+
+
 def envelope(version: int = 1, method: str = "status", body: object = None) -> bytes:
     header = msgpack.packb(
         {"v": version, "t": method, "id": 9, "from": "x", "body": body or {}, "tensors": []}
@@ -100,11 +105,8 @@ async def test_hostile_requests_get_error_replies_and_the_node_keeps_serving(
             assert reply.type == "error", name
             assert reply.body["code"] in {"bad_request", "unknown_method"}, name
             assert reply.body["message"], name
-        rejected = sum(
-            server.metrics.value("hivenode_messages_rejected_total", where=protocol, reason=r)
-            for r in ("bad_request", "unknown_method")
-        )
-        assert rejected == len(HOSTILE_INPUTS)
+        counted = sum(rejected(server, protocol, r) for r in ("bad_request", "unknown_method"))
+        assert counted == len(HOSTILE_INPUTS)
         method = "status" if protocol == STATUS_PROTOCOL else "peer_table"
         reply = await request(client.swarm.host, server.peer_id, protocol, method, timeout=5)
         assert reply.type == "ok"
@@ -130,14 +132,7 @@ async def test_adverts_forged_for_another_peer_are_rejected(tmp_path: Path) -> N
         forged = held.advert.model_copy(update={"seq": held.advert.seq + 10, "roles": ()})
         await liar.swarm.pubsub.publish(ADVERTS_TOPIC, forged.to_wire())
         await wait_until(
-            lambda: (
-                hub.metrics.value(
-                    "hivenode_messages_rejected_total", where="gossip", reason="forged"
-                )
-                >= 1
-            ),
-            10,
-            "the forged advert is counted",
+            lambda: rejected(hub, "gossip", "forged") >= 1, 10, "the forged advert is counted"
         )
         still = hub.peer_table.get(victim.peer_id)
         assert still is not None and still.advert.seq == held.advert.seq
@@ -150,14 +145,7 @@ async def test_malformed_gossip_is_counted_and_ignored(tmp_path: Path) -> None:
         await wait_until(lambda: noisy.peer_id in hub.peer_table, 15, "hub sees noisy")
         await noisy.swarm.pubsub.publish(ADVERTS_TOPIC, b"\xc1 not msgpack")
         await wait_until(
-            lambda: (
-                hub.metrics.value(
-                    "hivenode_messages_rejected_total", where="gossip", reason="malformed"
-                )
-                >= 1
-            ),
-            10,
-            "the malformed advert is counted",
+            lambda: rejected(hub, "gossip", "malformed") >= 1, 10, "the malformed advert is counted"
         )
         assert noisy.peer_id in hub.peer_table
 
@@ -176,12 +164,7 @@ async def test_peer_table_entries_with_broken_signatures_are_dropped(tmp_path: P
         hub.state.signed_adverts[honest.peer_id] = tampered
         joiner = await start("joiner", bootstrap=[hub])
         await wait_until(
-            lambda: (
-                joiner.metrics.value(
-                    "hivenode_messages_rejected_total", where="peer_table", reason="bad_signature"
-                )
-                >= 1
-            ),
+            lambda: rejected(joiner, "peer_table", "bad_signature") >= 1,
             10,
             "the tampered entry is counted",
         )

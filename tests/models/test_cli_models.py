@@ -21,6 +21,7 @@ from typer.testing import CliRunner, Result
 
 from hivenode.agent.control_client import ControlError, call
 from hivenode.cli_models import models_app
+from hivenode.sim.environment import isolated_environment
 
 HIVENODE = Path(sys.executable).parent / "hivenode"
 READY_TIMEOUT = 30.0
@@ -142,7 +143,7 @@ class Node:
 
     def __init__(self, base: Path, bootstrap: str | None = None) -> None:
         self.runtime_dir = base / "run"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("HIVENODE_")}
+        env = isolated_environment()
         for name in ("XDG_CONFIG_HOME", "XDG_STATE_HOME", "XDG_RUNTIME_DIR"):
             (base / name.lower()).mkdir(parents=True, exist_ok=True)
             env[name] = str(base / name.lower())
