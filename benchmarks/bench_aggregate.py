@@ -38,8 +38,9 @@ from flwr.common import Code, FitRes, Parameters, Status
 from flwr.server.strategy.aggregate import aggregate_inplace
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords as flower_arrayrecords
 
+from hivenode.models.flower_arrays import array_to_numpy
 from hivenode.strategies.aggregate import WeightedMean
-from hivenode.strategies.flower_arrays import aggregate_arrayrecords, array_to_numpy
+from hivenode.strategies.flower_arrays import aggregate_arrayrecords
 
 SHAPES = {"10x10M": (10, 10_000_000), "100x1M": (100, 1_000_000)}
 TENSORS_PER_MODEL = 4

@@ -23,14 +23,21 @@ from hivenode.agent.metrics import Metrics
 from hivenode.agent.node_views import status_view
 from hivenode.agent.peer_table import PeerTable, Update
 from hivenode.agent.settings import Settings
-from hivenode.protocol.advert import Advert, Hardware
+from hivenode.protocol.advert import Advert, Hardware, Role
 from hivenode.protocol.errors import ProtocolError
-from hivenode.protocol.ids import ADVERTS_TOPIC, PEER_TABLE_PROTOCOL, STATUS_PROTOCOL
-from hivenode.protocol.limits import CONTROL_LIMITS, Limits
+from hivenode.protocol.ids import (
+    ADVERTS_TOPIC,
+    FL_PROTOCOL,
+    PEER_TABLE_PROTOCOL,
+    STATUS_PROTOCOL,
+)
+from hivenode.protocol.limits import CONTROL_LIMITS, DEFAULT_LIMITS, Limits
 from hivenode.protocol.message import Message
 
 if TYPE_CHECKING:
     from libp2p.crypto.keys import KeyPair
+
+    from hivenode.agent.trainer import Trainer
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +80,7 @@ class Node:
         probe: HardwareProbe,
         metrics: Metrics | None = None,
         blob_resolver: BlobResolver | None = None,
+        trainer: Trainer | None = None,
     ) -> None:
         from hivenode.agent.identity import peer_id_of
 
@@ -82,6 +90,7 @@ class Node:
         self.probe = probe
         self.metrics = metrics or Metrics()
         self.blob_resolver = blob_resolver
+        self.trainer = trainer if Role.TRAINER in settings.roles else None
         self.peer_table = PeerTable(self.peer_id)
         self.state = NodeState()
         self.running_tasks = 0
@@ -263,6 +272,7 @@ class Node:
             addrs=tuple(self.swarm.listen_addrs()),
             hardware=hardware,
             load=probe_load(self.running_tasks),
+            datasets=self.trainer.datasets() if self.trainer else (),
         )
 
     async def _advert_loop(self) -> None:
@@ -409,6 +419,10 @@ class Node:
         if self.blob_resolver is not None:
             handler = blob_handler(self.blob_resolver, self.metrics.blob_bytes_served.inc)
             server.register(BLOB_PROTOCOL, handler, CONTROL_LIMITS)
+        if self.trainer is not None:
+            server.register(
+                FL_PROTOCOL, self.trainer.handle, DEFAULT_LIMITS, self.trainer.max_round_s
+            )
 
     async def _serve_status(self, request: Message, caller: str) -> Mapping[str, Any]:
         self._expect(request, "status")

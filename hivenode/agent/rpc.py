@@ -88,22 +88,32 @@ class RpcServer:
         self._request_timeout = request_timeout
         self._on_reject = on_reject
 
-    def register(self, protocol_id: str, handler: Handler, limits: Limits = DEFAULT_LIMITS) -> None:
+    def register(
+        self,
+        protocol_id: str,
+        handler: Handler,
+        limits: Limits = DEFAULT_LIMITS,
+        timeout: float | None = None,
+    ) -> None:
+        """Serve `protocol_id`; `timeout` overrides the server's for handlers that work
+        long (a training round), and bounds reading, handling and replying together."""
         from libp2p.custom_types import TProtocol
 
+        limit = self._request_timeout if timeout is None else timeout
+
         async def on_stream(stream: Any) -> None:
-            await self._serve_one(protocol_id, handler, limits, stream)
+            await self._serve_one(protocol_id, handler, limits, limit, stream)
 
         self._host.set_stream_handler(TProtocol(protocol_id), on_stream)
 
     async def _serve_one(
-        self, protocol_id: str, handler: Handler, limits: Limits, stream: Any
+        self, protocol_id: str, handler: Handler, limits: Limits, timeout: float, stream: Any
     ) -> None:
         caller = str(stream.muxed_conn.peer_id)
         adapter = StreamAdapter(stream)
         request: Message | None = None
         try:
-            with trio.fail_after(self._request_timeout):
+            with trio.fail_after(timeout):
                 try:
                     request = await read_message(adapter, limits)
                     reply = await self._dispatch(handler, request, caller)

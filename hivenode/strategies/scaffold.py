@@ -11,13 +11,9 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
+from hivenode.models.flower_arrays import array_to_numpy, arrayrecord_to_numpy, numpy_to_array
 from hivenode.strategies.aggregate import AggregationError, NDArray, weighted_mean
-from hivenode.strategies.flower_arrays import (
-    array_to_numpy,
-    arrayrecord_to_numpy,
-    numpy_to_array,
-    reply_weight,
-)
+from hivenode.strategies.flower_arrays import reply_weight
 
 logger = logging.getLogger(__name__)
 

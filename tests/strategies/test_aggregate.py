@@ -13,13 +13,10 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords as flo
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from hivenode.models.flower_arrays import ArrayFormatError, array_to_numpy, numpy_to_array
 from hivenode.protocol.message import Message, decode_message, encode_message
 from hivenode.strategies.aggregate import AggregationError, WeightedMean, weighted_mean
-from hivenode.strategies.flower_arrays import (
-    aggregate_arrayrecords,
-    array_to_numpy,
-    numpy_to_array,
-)
+from hivenode.strategies.flower_arrays import aggregate_arrayrecords
 
 NDArray = np.ndarray[Any, Any]
 FLOAT_DTYPES = [np.float16, np.float32, np.float64]
@@ -241,14 +238,14 @@ def test_arrays_round_trip_through_flower(original: NDArray) -> None:
     )
 
 
-def test_bad_arrays_and_replies_raise_aggregation_error() -> None:
-    with pytest.raises(AggregationError, match="serialisation type"):
+def test_bad_arrays_and_replies_raise_their_errors() -> None:
+    with pytest.raises(ArrayFormatError, match="serialisation type"):
         array_to_numpy(Array(dtype="float32", shape=(1,), stype="torch", data=b"\0" * 4))
-    with pytest.raises(AggregationError, match=r"not a valid \.npy"):
+    with pytest.raises(ArrayFormatError, match=r"not a valid \.npy"):
         array_to_numpy(Array(dtype="float32", shape=(1,), stype="numpy.ndarray", data=b"junk"))
     truncated = Array(np.ones(8, np.float32))
     truncated.data = truncated.data[:-4]
-    with pytest.raises(AggregationError, match="expected 32"):
+    with pytest.raises(ArrayFormatError, match="expected 32"):
         array_to_numpy(truncated)
     replies = flower_replies(random_updates(2, [(3,)]), [1.0, 2.0])
     with pytest.raises(AggregationError, match="has no 'samples'"):

@@ -13,7 +13,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.task_identity import TaskIdentity
 
-from hivenode.strategies.flower_arrays import arrayrecord_to_numpy, numpy_to_array
+from hivenode.models.flower_arrays import arrayrecord_to_numpy, numpy_to_array
 from hivenode.strategies.scaffold import Scaffold
 from hivenode.strategies.scaffold_client import GradientFn, local_train, zeros_like
 
