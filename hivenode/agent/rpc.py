@@ -162,13 +162,20 @@ async def request(
     *,
     timeout: float,
     limits: Limits = DEFAULT_LIMITS,
+    tensors: tuple[np.ndarray, ...] = (),
 ) -> Message:
     """Send one request to `peer_id` and return its `ok` reply; raise RpcError otherwise."""
     from libp2p.custom_types import TProtocol
     from libp2p.peer.id import ID
 
     sender = str(host.get_id())
-    message = Message(type=method, request_id=next(_request_ids), sender=sender, body=body or {})
+    message = Message(
+        type=method,
+        request_id=next(_request_ids),
+        sender=sender,
+        body=body or {},
+        tensors=tensors,
+    )
     stream = None
     try:
         with trio.fail_after(timeout):

@@ -83,12 +83,15 @@ class Trainer:
         if message.has_error():
             raise RpcError("bad_request", "an instruction cannot carry an error")
         job_context = self._context(job, caller, node_config, run_config)
+        started = time.monotonic()
         reply = await self._run(self.apps[app], message, job_context.context)
+        compute_s = time.monotonic() - started
         job_context.messages += 1
         self.messages_handled += 1
         await trio.to_thread.run_sync(_save_state, job_context)
         body, tensors = encode_flower(reply)
-        return Reply(body=body, tensors=tuple(tensors))
+        # beside the Flower reply: the aggregator tells its own overhead from our work
+        return Reply(body={**body, "compute_s": compute_s}, tensors=tuple(tensors))
 
     async def _run(self, app: ClientAppLike, message: Message, context: Context) -> Message:
         remaining = message.metadata.created_at + message.metadata.ttl - time.time()
@@ -175,3 +178,21 @@ def _load_state(path: Path) -> RecordDict:
         # a corrupt state cannot come from an atomic write; start clean rather than refuse
         log.error("ignoring unreadable trainer state %s: %s", path, exc)
         return RecordDict()
+
+
+def builtin_trainer(
+    state_dir: Path, peer_id: str, limiter: trio.CapacityLimiter | None = None
+) -> Trainer:
+    """A trainer running the built-in ClientApp on the datasets registered in `state_dir`."""
+    from hivenode.models.datasets import DatasetCatalog
+    from hivenode.models.training.clientapp import build_client_app
+
+    catalog = DatasetCatalog(state_dir)
+    app = build_client_app(catalog.load)
+    return Trainer(
+        state_dir,
+        peer_id,
+        {BUILTIN_APP: app},
+        limiter=limiter or trio.CapacityLimiter(1),
+        datasets=catalog.advert_datasets,
+    )

@@ -63,6 +63,7 @@ class DatasetInfo(WireModel):
     samples: int = 0
     feature_shape: tuple[int, ...] = ()
     size_bytes: int = 0
+    num_classes: int = 0
 
 
 class Advert(Record):

@@ -1,0 +1,280 @@
+"""A Flower `Grid` whose messages travel over the swarm, to trainers named by peer id.
+
+Flower strategies are synchronous: `Strategy.start(grid=...)` runs in a worker thread and
+calls this Grid, which hands each send to the node's trio loop (`trio.from_thread`) and waits
+for the replies there. Every send is bounded: a trainer that is gone, fails or outlives the
+timeout yields a Flower error reply, never a hang and never a silently missing reply.
+
+Node ids are `node_id_of(peer_id)`. Flower's strategies leave `group_id` empty, so the
+round is the Grid's `round`, which the runner advances after each round; it goes out as the
+messages' `group_id`. A job resumed from a checkpoint restarts Flower's count at 1:
+`round_offset` shifts the config's "server-round" so trainers keep counting where the job was.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+from flwr.app import Error, Message, RecordDict
+from flwr.common.constant import ErrorCode
+from flwr.serverapp import Grid
+from flwr.supercore.run import Run
+
+from hivenode.agent.errors import RpcError
+from hivenode.agent.flower_wire import decode_flower, encode_flower, node_id_of
+from hivenode.agent.node import Node
+from hivenode.agent.rpc import request
+from hivenode.protocol.errors import ProtocolError
+from hivenode.protocol.ids import FL_PROTOCOL
+from hivenode.protocol.message import Message as WireMessage
+
+log = logging.getLogger(__name__)
+
+STRAGGLER_DROPPED = ErrorCode.REPLY_MESSAGE_UNAVAILABLE
+"""The code of the error reply that replaces a straggler's partial work under `drop`."""
+CONNECT_GRACE = 5.0
+"""Seconds past the round deadline allowed for opening a stream and sending the message."""
+
+
+@dataclass
+class RoundTraffic:
+    """What one round's messages of one type cost on the wire, and who answered how."""
+
+    sent: int = 0
+    replied: int = 0
+    failed: int = 0
+    stragglers: int = 0
+    bytes_out: int = 0
+    bytes_in: int = 0
+    started: float = field(default_factory=time.monotonic)
+    compute_s: float = 0.0
+    """The longest time a trainer said it spent in the app (queueing for a worker included)."""
+    errors: dict[str, str] = field(default_factory=dict)
+    """Peer id → why its reply was an error."""
+
+
+@dataclass(frozen=True)
+class JobAddress:
+    """What every request of a job says besides the Flower message."""
+
+    job_id: str
+    app: str
+    run_config: Mapping[str, bool | int | float | str] = field(default_factory=dict)
+
+
+class SwarmGrid(Grid):
+    """Flower's Grid over libp2p streams to the job's trainers (peer ids)."""
+
+    def __init__(
+        self,
+        node: Node,
+        address: JobAddress,
+        trainers: Sequence[str],
+        token: trio.lowlevel.TrioToken,
+        nursery: trio.Nursery,
+        *,
+        run_id: int,
+        round_offset: int = 0,
+        drop_stragglers: bool = False,
+        local: Callable[[WireMessage, str], Any] | None = None,
+    ) -> None:
+        self._node = node
+        self._address = address
+        self._peers = {node_id_of(peer): peer for peer in trainers}
+        self._partition = {peer: index for index, peer in enumerate(trainers)}
+        self._token = token
+        self._nursery = nursery
+        self._run = Run.create_empty(run_id)
+        self._round_offset = round_offset
+        self.round = round_offset + 1
+        """The job's round in progress, as trainers and the traffic records see it."""
+        self._drop_stragglers = drop_stragglers
+        self._local = local
+        self._replies: dict[str, Message] = {}
+        self._pending: dict[str, trio.CancelScope] = {}
+        self._done = trio.Event()
+        self.traffic: dict[tuple[int, str], RoundTraffic] = {}
+        """(round, message type) → what it cost and who answered."""
+
+    # --- Grid ------------------------------------------------------------------------------
+
+    def set_run(self, run: Run) -> None:
+        self._run = run
+
+    @property
+    def run(self) -> Run:
+        return self._run
+
+    def create_message(
+        self,
+        content: RecordDict,
+        message_type: str,
+        dst_node_id: int,
+        group_id: str,
+        ttl: float | None = None,
+    ) -> Message:
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+    def get_node_ids(self) -> Iterable[int]:
+        """The job's trainers that the node still knows (its peer table, or itself)."""
+        table, own = self._node.peer_table, self._node.peer_id
+        return [node_id for node_id, peer in self._peers.items() if peer in table or peer == own]
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        ids: list[str] = self._from_thread(self._push, list(messages), None)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        wanted = set(message_ids)
+        return [self._replies.pop(mid) for mid in list(self._replies) if mid in wanted]
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        ids = self._from_thread(self._push, list(messages), timeout)
+        self._from_thread(self._wait, ids, timeout)
+        return self.pull_messages(ids)
+
+    # --- on the trio loop ------------------------------------------------------------------
+
+    def _from_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return trio.from_thread.run(fn, *args, trio_token=self._token)
+
+    async def _push(self, messages: list[Message], timeout: float | None) -> list[str]:
+        ids: list[str] = []
+        for message in messages:
+            # Flower leaves the message id to the transport (its SuperLink sets it likewise)
+            message.metadata.__dict__["_message_id"] = str(uuid.uuid4())
+            ids.append(message.metadata.message_id)
+            scope = trio.CancelScope()
+            self._pending[message.metadata.message_id] = scope
+            self._nursery.start_soon(self._send, message, scope, timeout)
+        return ids
+
+    async def _wait(self, ids: list[str], timeout: float | None) -> None:
+        with trio.move_on_after(timeout if timeout is not None else float("inf")):
+            while any(mid in self._pending for mid in ids):
+                await self._done.wait()
+                self._done = trio.Event()
+        for mid in ids:  # whoever is still out missed the deadline
+            scope = self._pending.get(mid)
+            if scope is not None:
+                scope.cancel()
+        while any(mid in self._pending for mid in ids):
+            await self._done.wait()
+            self._done = trio.Event()
+
+    async def _send(self, message: Message, scope: trio.CancelScope, timeout: float | None) -> None:
+        meta = message.metadata
+        peer = self._peers.get(meta.dst_node_id)
+        key = (self.round, meta.message_type)
+        traffic = self.traffic.setdefault(key, RoundTraffic())
+        traffic.sent += 1
+        try:
+            with scope:
+                if peer is None:
+                    raise RpcError("unknown_node", f"node {meta.dst_node_id} is not in this job")
+                reply = await self._exchange(message, peer, traffic, timeout)
+            if scope.cancelled_caught:
+                raise RpcError("timeout", "no reply before the round's deadline")
+            reply = self._apply_straggler_policy(message, reply, traffic)
+        except RpcError as exc:
+            traffic.failed += 1
+            traffic.errors[peer or str(meta.dst_node_id)] = f"{exc.code}: {exc.message}"
+            log.info("job %s: %s: %s", self._address.job_id, peer, exc)
+            reply = Message(
+                Error(ErrorCode.NODE_UNAVAILABLE, f"{exc.code}: {exc.message}"), reply_to=message
+            )
+        self._replies[meta.message_id] = reply
+        del self._pending[meta.message_id]
+        self._done.set()
+
+    async def _exchange(
+        self, message: Message, peer: str, traffic: RoundTraffic, timeout: float | None
+    ) -> Message:
+        body, tensors = encode_flower(message)
+        self._shift_round(body)
+        request_body = {
+            "job": self._address.job_id,
+            "app": self._address.app,
+            "node_config": {
+                "partition-id": self._partition[peer],
+                "num-partitions": len(self._partition),
+            },
+            "run_config": dict(self._address.run_config),
+            "message": body,
+        }
+        traffic.bytes_out += sum(t.nbytes for t in tensors)
+        wire_tensors = tuple(tensors)
+        limit = (timeout if timeout is not None else meta_ttl(message)) + CONNECT_GRACE
+        if peer == self._node.peer_id and self._local is not None:
+            wire = WireMessage("fl", 0, peer, request_body, wire_tensors)
+            result = await self._local(wire, peer)
+            reply_body, reply_tensors = result.body, result.tensors
+        else:
+            answer = await request(
+                self._node.swarm.host,
+                peer,
+                FL_PROTOCOL,
+                "fl",
+                request_body,
+                timeout=limit,
+                tensors=wire_tensors,
+            )
+            reply_body, reply_tensors = answer.body, answer.tensors
+        traffic.bytes_in += sum(t.nbytes for t in reply_tensors)
+        compute_s = reply_body.get("compute_s")
+        if isinstance(compute_s, int | float):
+            traffic.compute_s = max(traffic.compute_s, float(compute_s))
+        try:
+            meta = dict(reply_body["meta"])
+            meta["group_id"] = message.metadata.group_id  # undo the shift for the strategy
+            reply = decode_flower({**reply_body, "meta": meta}, reply_tensors)
+        except (ProtocolError, KeyError, TypeError) as exc:
+            raise RpcError("bad_reply", f"undecodable Flower reply: {exc}") from exc
+        if reply.metadata.reply_to_message_id != message.metadata.message_id:
+            raise RpcError("bad_reply", "the reply answers another message")
+        return reply
+
+    def _apply_straggler_policy(
+        self, message: Message, reply: Message, traffic: RoundTraffic
+    ) -> Message:
+        """Count the reply; a straggler's partial work is kept or, under `drop`, refused."""
+        peer = self._peers[message.metadata.dst_node_id]
+        if reply.has_error():
+            traffic.failed += 1
+            traffic.errors[peer] = reply.error.reason or ""
+            return reply
+        if not _is_partial(reply):
+            traffic.replied += 1
+            return reply
+        traffic.stragglers += 1
+        if not self._drop_stragglers:
+            traffic.replied += 1
+            return reply
+        return Message(
+            Error(STRAGGLER_DROPPED, "straggler: partial work dropped by the job's policy"),
+            reply_to=message,
+        )
+
+    def _shift_round(self, body: dict[str, Any]) -> None:
+        body["meta"]["group_id"] = str(self.round)
+        if not self._round_offset:
+            return
+        for _name, kind, value in body.get("records", []):
+            if kind == "config" and isinstance(value.get("server-round"), int):
+                value["server-round"] += self._round_offset
+
+
+def meta_ttl(message: Message) -> float:
+    return float(message.metadata.ttl)
+
+
+def _is_partial(reply: Message) -> bool:
+    return any(record.get("partial") == 1 for record in reply.content.metric_records.values())

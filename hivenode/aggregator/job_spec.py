@@ -1,0 +1,102 @@
+"""What a federated job is: the model, the data it trains on, the strategy and the schedule.
+
+A job file is TOML; the same fields travel as JSON to the daemon that runs it. Unknown keys
+are refused (a typo must not silently become a default).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from hivenode.models.training.backend import ModelSpec
+
+ConfigValues = dict[
+    str,
+    int
+    | float
+    | str
+    | bytes
+    | bool
+    | list[int]
+    | list[float]
+    | list[str]
+    | list[bytes]
+    | list[bool],
+]
+"""What a Flower ConfigRecord holds."""
+JOB_NAME_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
+StrategyName = Literal[
+    "fedavg", "fedprox", "scaffold", "fedmedian", "fedtrimmedavg", "krum", "multikrum"
+]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSection(_Strict):
+    framework: Literal["torch", "keras", "sklearn", "hf"] = "torch"
+    name: str = "mlp"
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    def spec(self) -> ModelSpec:
+        return ModelSpec(self.framework, self.name, self.options)
+
+
+class StrategySection(_Strict):
+    name: StrategyName = "fedavg"
+    mu: float = Field(0.0, ge=0, description="FedProx's proximal μ")
+    global_lr: float = Field(1.0, gt=0, description="SCAFFOLD's server learning rate η_g")
+    beta: float = Field(0.2, ge=0, lt=0.5, description="FedTrimmedAvg: fraction cut per side")
+    malicious: int = Field(0, ge=0, description="Krum/MultiKrum: attackers tolerated")
+
+
+class TrainSection(_Strict):
+    lr: float = Field(0.01, gt=0)
+    local_epochs: int = Field(1, ge=1)
+    batch_size: int = Field(32, ge=1)
+    straggler_fraction: float = Field(
+        0.0, ge=0, le=1, description="simulated stragglers: chance a trainer does fewer epochs"
+    )
+
+
+class JobSpec(_Strict):
+    name: str = Field(pattern=JOB_NAME_PATTERN)
+    dataset: str = Field(description="the dataset name trainers registered (hivenode data add)")
+    rounds: int = Field(ge=1)
+    clients_per_round: int = Field(10, ge=1)
+    min_clients: int = Field(1, ge=1, description="trainers that must be reachable to start")
+    evaluate_fraction: float = Field(1.0, ge=0, le=1)
+    deadline_s: float = Field(600.0, gt=0, description="a round's deadline")
+    straggler_policy: Literal["drop", "partial"] = "partial"
+    seed: int = 0
+    trainers: list[str] = Field(
+        default_factory=list, description="peer ids; empty: every trainer with the dataset"
+    )
+    model: ModelSection = Field(default_factory=ModelSection)
+    strategy: StrategySection = Field(default_factory=StrategySection)
+    train: TrainSection = Field(default_factory=TrainSection)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> JobSpec:
+        if self.min_clients > self.clients_per_round:
+            raise ValueError("min_clients cannot exceed clients_per_round")
+        return self
+
+    def train_config(self) -> ConfigValues:
+        """What every trainer gets in the train messages' ConfigRecord."""
+        return {
+            "dataset": self.dataset,
+            **self.model.spec().to_config(),
+            "lr": self.train.lr,
+            "local-epochs": self.train.local_epochs,
+            "batch-size": self.train.batch_size,
+            "seed": self.seed,
+            "straggler-fraction": self.train.straggler_fraction,
+            "deadline-s": self.deadline_s,
+        }
+
+    def evaluate_config(self) -> ConfigValues:
+        return {"dataset": self.dataset, **self.model.spec().to_config()}

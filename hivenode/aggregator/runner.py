@@ -1,0 +1,352 @@
+"""The aggregator role: runs one federated job with a Flower strategy over the swarm.
+
+`Strategy.start` is Flower's own round loop, unchanged; it runs in a worker thread and talks
+to trainers through `SwarmGrid`. Flower calls `evaluate_fn` after every round: that is where
+the round's record is made (Flower's aggregated metrics plus the Grid's traffic) and the
+checkpoint written. A restarted job resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import trio
+from flwr.app import ArrayRecord, ConfigRecord, MessageType, MetricRecord, RecordDict
+from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
+from flwr.supercore.task_identity import TaskIdentity
+
+from hivenode.agent.flower_wire import node_id_of
+from hivenode.agent.node import Node
+from hivenode.agent.trainer import BUILTIN_APP
+from hivenode.aggregator.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from hivenode.aggregator.grid import JobAddress, RoundTraffic, SwarmGrid
+from hivenode.aggregator.job_spec import JobSpec
+from hivenode.aggregator.strategy_factory import build_strategy
+from hivenode.fsutil import atomic_write
+from hivenode.models.flower_arrays import arrayrecord_to_numpy, numpy_to_array
+from hivenode.models.training.backend import backend_for
+from hivenode.protocol.advert import DatasetInfo, Role
+from hivenode.strategies.scaffold import Scaffold
+
+log = logging.getLogger(__name__)
+
+NDArray = np.ndarray[Any, Any]
+TRAINER_WAIT_S = 30.0
+"""How long a job waits for `min_clients` trainers to show up in the peer table."""
+TRAINER_SETTLE_S = 3.0
+"""Adverts arrive over a few seconds: a job waits this long after the last new trainer."""
+
+
+class JobError(Exception):
+    """A job that cannot start or run: no trainers, mismatched data, a failed round loop."""
+
+
+@dataclass(frozen=True)
+class RoundRecord:
+    round: int
+    train_loss: float | None
+    eval_loss: float | None
+    eval_accuracy: float | None
+    global_train_loss: float | None
+    participants: int
+    stragglers: int
+    failures: int
+    bytes_out: int
+    bytes_in: int
+    duration_s: float
+    compute_s: float = 0.0
+    """The slowest trainer's time in train plus in evaluate: the rest is the round's overhead."""
+
+    def as_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class JobResult:
+    name: str
+    strategy: str
+    trainers: list[str]
+    history: list[RoundRecord]
+    model_path: Path
+    wall_s: float
+    resumed_from: int = 0
+
+    @property
+    def final(self) -> RoundRecord | None:
+        return self.history[-1] if self.history else None
+
+
+RoundCallback = Callable[[RoundRecord], None]
+
+
+@dataclass
+class _Recorder:
+    """Flower's aggregated metrics of the round in progress (its aggregation, not ours)."""
+
+    train: MetricRecord | None = None
+    evaluate: MetricRecord | None = None
+    history: list[RoundRecord] = field(default_factory=list)
+
+    def on_train(self, contents: list[RecordDict], key: str) -> MetricRecord:
+        self.train = aggregate_metricrecords(contents, key)
+        return self.train
+
+    def on_evaluate(self, contents: list[RecordDict], key: str) -> MetricRecord:
+        self.evaluate = aggregate_metricrecords(contents, key)
+        return self.evaluate
+
+
+def select_trainers(node: Node, job: JobSpec) -> tuple[list[str], DatasetInfo | None]:
+    """Peers (and this node) advertising the trainer role and the job's dataset, by id."""
+    found: dict[str, DatasetInfo] = {}
+    for entry in node.peer_table.entries():
+        advert = entry.advert
+        if Role.TRAINER not in advert.roles:
+            continue
+        for info in advert.datasets:
+            if info.name == job.dataset:
+                found[advert.origin] = info
+    if node.trainer is not None:
+        for info in node.trainer.datasets():
+            if info.name == job.dataset:
+                found[node.peer_id] = info
+    if job.trainers:
+        found = {peer: info for peer, info in found.items() if peer in job.trainers}
+    peers = sorted(found)
+    return peers, found[peers[0]] if peers else None
+
+
+async def wait_for_trainers(
+    node: Node, job: JobSpec, timeout: float
+) -> tuple[list[str], DatasetInfo]:
+    """The job's trainers: the listed ones once all are seen, else every trainer with the
+    dataset once at least `min_clients` are seen and no new one came for `TRAINER_SETTLE_S`."""
+    needed = len(job.trainers) or job.min_clients
+    settled_at: float | None = None
+    seen = 0
+    with trio.move_on_after(timeout):
+        while True:
+            peers, info = select_trainers(node, job)
+            now = time.monotonic()
+            if len(peers) != seen:
+                seen, settled_at = len(peers), now
+            enough = info is not None and len(peers) >= needed
+            if enough and (job.trainers or now - (settled_at or now) >= TRAINER_SETTLE_S):
+                assert info is not None
+                return peers, info
+            await trio.sleep(0.2)
+    raise JobError(
+        f"{seen} trainer(s) hold dataset {job.dataset!r} after {timeout:.0f} s; "
+        f"the job needs {needed}"
+    )
+
+
+async def run_job(
+    node: Node,
+    job: JobSpec,
+    job_dir: Path,
+    *,
+    on_round: RoundCallback | None = None,
+    trainer_wait_s: float = TRAINER_WAIT_S,
+) -> JobResult:
+    """Run `job` to its last round from this node, resuming from `job_dir`'s checkpoint."""
+    started = time.monotonic()
+    trainers, info = await wait_for_trainers(node, job, trainer_wait_s)
+    _check_same_data(node, job, trainers)
+    checkpoint = await trio.to_thread.run_sync(load_checkpoint, job_dir)
+    done = checkpoint.round if checkpoint else 0
+    if checkpoint is not None:
+        arrays = checkpoint.arrays
+        log.info("job %s: resuming after round %d of %d", job.name, done, job.rounds)
+    else:
+        arrays = await trio.to_thread.run_sync(_initial_arrays, job, info)
+    recorder = _Recorder(history=[_record(r) for r in (checkpoint.history if checkpoint else [])])
+    if done < job.rounds:
+        arrays = await _run_rounds(
+            node, job, job_dir, trainers, arrays, checkpoint, recorder, on_round
+        )
+    model_path = job_dir / "model.safetensors"
+    await trio.to_thread.run_sync(_save_model, job, arrays, model_path)
+    return JobResult(
+        name=job.name,
+        strategy=job.strategy.name,
+        trainers=trainers,
+        history=recorder.history,
+        model_path=model_path,
+        wall_s=time.monotonic() - started,
+        resumed_from=done,
+    )
+
+
+async def _run_rounds(
+    node: Node,
+    job: JobSpec,
+    job_dir: Path,
+    trainers: list[str],
+    arrays: dict[str, NDArray],
+    checkpoint: Checkpoint | None,
+    recorder: _Recorder,
+    on_round: RoundCallback | None,
+) -> dict[str, NDArray]:
+    done = checkpoint.round if checkpoint else 0
+    control = checkpoint.control if checkpoint else None
+    strategy = build_strategy(
+        job,
+        len(trainers),
+        recorder.on_train,
+        recorder.on_evaluate,
+        initial_control=_record_of(control) if control is not None else None,
+    )
+    token = trio.lowlevel.current_trio_token()
+    async with trio.open_nursery() as nursery:
+        grid = SwarmGrid(
+            node,
+            JobAddress(job.name, BUILTIN_APP),
+            trainers,
+            token,
+            nursery,
+            run_id=_run_id(job.name),
+            round_offset=done,
+            drop_stragglers=job.straggler_policy == "drop",
+            local=node.trainer.handle if node.trainer else None,
+        )
+        round_started = [time.monotonic()]
+
+        def after_round(server_round: int, round_arrays: ArrayRecord) -> MetricRecord | None:
+            if server_round == 0:
+                return None
+            number = server_round + done
+            train = grid.traffic.get((number, MessageType.TRAIN), RoundTraffic())
+            evaluate = grid.traffic.get((number, MessageType.EVALUATE), RoundTraffic())
+            elapsed = time.monotonic() - round_started[0]
+            record = _round_record(number, recorder, train, evaluate, elapsed)
+            recorder.history.append(record)
+            recorder.train = recorder.evaluate = None
+            scaffold_control = strategy.control if isinstance(strategy, Scaffold) else None
+            save_checkpoint(
+                job_dir,
+                Checkpoint(
+                    number,
+                    {k: np.asarray(v) for k, v in arrayrecord_to_numpy(round_arrays).items()},
+                    scaffold_control,
+                    [r.as_json() for r in recorder.history],
+                ),
+            )
+            if on_round is not None:
+                trio.from_thread.run_sync(on_round, record, trio_token=token)
+            grid.round = number + 1
+            round_started[0] = time.monotonic()
+            return None
+
+        def start() -> ArrayRecord:
+            _set_task_identity(node, job)
+            random.seed(job.seed * 1_000_003 + done)  # Flower samples with `random`
+            result = strategy.start(
+                grid=grid,
+                initial_arrays=_record_of(arrays),
+                num_rounds=job.rounds - done,
+                timeout=job.deadline_s,
+                train_config=ConfigRecord(job.train_config()),
+                evaluate_config=ConfigRecord(job.evaluate_config()),
+                evaluate_fn=after_round,
+            )
+            return result.arrays
+
+        final = await trio.to_thread.run_sync(start)
+        nursery.cancel_scope.cancel()
+    if not len(final):
+        return arrays
+    return {k: np.asarray(v) for k, v in arrayrecord_to_numpy(final).items()}
+
+
+def _round_record(
+    number: int,
+    recorder: _Recorder,
+    train: RoundTraffic,
+    evaluate: RoundTraffic,
+    duration_s: float,
+) -> RoundRecord:
+    return RoundRecord(
+        round=number,
+        train_loss=_metric(recorder.train, "train-loss"),
+        eval_loss=_metric(recorder.evaluate, "eval-loss"),
+        eval_accuracy=_metric(recorder.evaluate, "eval-accuracy"),
+        global_train_loss=_metric(recorder.evaluate, "global-train-loss"),
+        participants=train.replied,
+        stragglers=train.stragglers,
+        failures=train.failed,
+        bytes_out=train.bytes_out + evaluate.bytes_out,
+        bytes_in=train.bytes_in + evaluate.bytes_in,
+        duration_s=duration_s,
+        compute_s=train.compute_s + evaluate.compute_s,
+    )
+
+
+def _metric(record: MetricRecord | None, key: str) -> float | None:
+    value = record.get(key) if record is not None else None
+    return float(value) if isinstance(value, int | float) else None
+
+
+def _record(raw: dict[str, Any]) -> RoundRecord:
+    return RoundRecord(**raw)
+
+
+def _record_of(arrays: dict[str, NDArray]) -> ArrayRecord:
+    return ArrayRecord({k: numpy_to_array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+
+
+def _initial_arrays(job: JobSpec, info: DatasetInfo | None) -> dict[str, NDArray]:
+    if info is None or not info.feature_shape or info.num_classes < 2:
+        raise JobError(f"dataset {job.dataset!r} is advertised without its shape or classes")
+    spec = job.model.spec()
+    return backend_for(spec.framework).init_arrays(
+        spec, tuple(info.feature_shape), info.num_classes, job.seed
+    )
+
+
+def _check_same_data(node: Node, job: JobSpec, trainers: Sequence[str]) -> None:
+    shapes: dict[tuple[tuple[int, ...], int], list[str]] = {}
+    for peer in trainers:
+        info = _dataset_of(node, peer, job.dataset)
+        if info is not None:
+            shapes.setdefault((tuple(info.feature_shape), info.num_classes), []).append(peer)
+    if len(shapes) > 1:
+        described = "; ".join(f"{s} classes {c}: {len(p)} trainers" for (s, c), p in shapes.items())
+        raise JobError(f"trainers disagree on dataset {job.dataset!r}: {described}")
+
+
+def _dataset_of(node: Node, peer: str, name: str) -> DatasetInfo | None:
+    if peer == node.peer_id:
+        infos = node.trainer.datasets() if node.trainer else ()
+    else:
+        entry = node.peer_table.get(peer)
+        infos = entry.advert.datasets if entry else ()
+    return next((info for info in infos if info.name == name), None)
+
+
+def _set_task_identity(node: Node, job: JobSpec) -> None:
+    # Flower 1.4x's Message() reads the sender from this process-global identity
+    TaskIdentity.run_id = _run_id(job.name)
+    TaskIdentity.node_id = node_id_of(node.peer_id)
+    TaskIdentity.task_id = 1
+
+
+def _run_id(name: str) -> int:
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big") >> 1
+
+
+def _save_model(job: JobSpec, arrays: dict[str, NDArray], path: Path) -> None:
+    from safetensors.numpy import save
+
+    metadata = {"hivenode-model": json.dumps(job.model.model_dump()), "job": job.name}
+    contiguous = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
+    atomic_write(path, save(contiguous, metadata=metadata), mode=0o644)

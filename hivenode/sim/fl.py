@@ -1,0 +1,240 @@
+"""`hivenode sim fl`: federated jobs on a swarm of real in-process nodes on 127.0.0.1.
+
+One node aggregates; every other node is a trainer holding one device's partition of the
+dataset, registered through its own dataset catalog exactly as `hivenode data add` does.
+The strategies run one after another on the same swarm, each as its own job, so they see
+the same data, the same selection seed and the same stragglers.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import statistics
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from hivenode.agent.hardware import HardwareProbe
+from hivenode.agent.identity import peer_id_of
+from hivenode.agent.node import Node
+from hivenode.agent.trainer import builtin_trainer
+from hivenode.aggregator.job_spec import JobSpec
+from hivenode.aggregator.runner import JobResult, RoundRecord, run_job
+from hivenode.models.datasets import DatasetCatalog
+from hivenode.protocol.advert import Role
+from hivenode.sim.fl_datasets import federated_dataset, save_partition
+from hivenode.sim.swarm import quiet_libp2p, sim_settings
+
+log = logging.getLogger(__name__)
+
+SIM_DATASET = "fl-sim"
+JOIN_WAIT_S = 60.0
+
+
+@dataclass(frozen=True)
+class StrategyRun:
+    """One strategy of the comparison, e.g. "fedprox:1" → FedProx with μ = 1."""
+
+    label: str
+    name: str
+    mu: float
+    drop_stragglers: bool
+
+    @classmethod
+    def parse(cls, text: str, default_mu: float, policy: str | None) -> StrategyRun:
+        name, _, mu_text = text.partition(":")
+        name = name.strip().lower()
+        mu = float(mu_text) if mu_text else (default_mu if name == "fedprox" else 0.0)
+        # the FedProx paper's FedAvg drops stragglers; its FedProx keeps their partial work
+        drop = policy == "drop" if policy else name == "fedavg"
+        label = f"fedprox μ={mu:g}" if name == "fedprox" else name
+        return cls(label, name, mu, drop)
+
+
+@dataclass
+class FlSimConfig:
+    nodes: int = 10
+    dataset: str = "digits"
+    partition: str = "iid"
+    strategies: Sequence[StrategyRun] = ()
+    framework: str = "torch"
+    model: str = "mlp"
+    rounds: int = 10
+    clients_per_round: int = 10
+    local_epochs: int = 1
+    batch_size: int = 10
+    lr: float = 0.01
+    stragglers: float = 0.0
+    seed: int = 0
+    deadline_s: float = 600.0
+    model_options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class StrategyOutcome:
+    label: str
+    result: JobResult
+
+    def summary(self) -> dict[str, Any]:
+        history = self.result.history
+        final = history[-1] if history else None
+        overheads = [max(0.0, r.duration_s - r.compute_s) * 1000 for r in history]
+        return {
+            "final_accuracy": final.eval_accuracy if final else None,
+            "final_loss": _loss(final) if final else None,
+            "rounds": len(history),
+            "wall_s": round(self.result.wall_s, 3),
+            "round_overhead_ms": round(statistics.median(overheads), 2) if overheads else None,
+            "history": [
+                {"round": r.round, "loss": _loss(r), "accuracy": r.eval_accuracy} for r in history
+            ],
+        }
+
+
+def _loss(record: RoundRecord) -> float | None:
+    """The paper's training loss: the global model on the trainers' own training data."""
+    return record.global_train_loss if record.global_train_loss is not None else record.train_loss
+
+
+def job_for(config: FlSimConfig, run: StrategyRun, trainers: Sequence[str]) -> JobSpec:
+    return JobSpec.model_validate(
+        {
+            "name": f"sim-{run.name}-{run.mu:g}-{config.seed}".replace(".", "_"),
+            "dataset": SIM_DATASET,
+            "rounds": config.rounds,
+            "clients_per_round": min(config.clients_per_round, config.nodes),
+            "deadline_s": config.deadline_s,
+            "straggler_policy": "drop" if run.drop_stragglers else "partial",
+            "seed": config.seed,
+            "trainers": list(trainers),
+            "model": {
+                "framework": config.framework,
+                "name": config.model,
+                "options": config.model_options,
+            },
+            "strategy": {"name": run.name, "mu": run.mu},
+            "train": {
+                "lr": config.lr,
+                "local_epochs": config.local_epochs,
+                "batch_size": config.batch_size,
+                "straggler_fraction": config.stragglers,
+            },
+        }
+    )
+
+
+async def run_fl_sim(
+    config: FlSimConfig, *, on_round: Any = None, work_dir: Path | None = None
+) -> list[StrategyOutcome]:
+    """Start the swarm, run every strategy as a job, stop the swarm."""
+    from libp2p.crypto.ed25519 import create_new_key_pair
+
+    quiet_libp2p()
+    logging.getLogger("flwr").setLevel(logging.WARNING)  # a line per round per node otherwise
+    devices = await trio.to_thread.run_sync(
+        lambda: federated_dataset(
+            config.dataset, config.nodes, partition=config.partition, seed=config.seed
+        )
+    )
+    with tempfile.TemporaryDirectory(prefix="hivenode-fl-", dir=work_dir) as tmp:
+        base = Path(tmp)
+        probe = HardwareProbe(base)
+        # trainers share the machine: as many training threads as cores, not one per node
+        limiter = trio.CapacityLimiter(max(1, os.cpu_count() or 1))
+        nodes: list[Node] = []
+        outcomes: list[StrategyOutcome] = []
+        async with trio.open_nursery() as nursery:
+            aggregator_settings = sim_settings(base, 0, []).model_copy(
+                update={"roles": [Role.AGGREGATOR]}
+            )
+            aggregator = Node(aggregator_settings, create_new_key_pair(), probe)
+            await nursery.start(aggregator.run)
+            nodes.append(aggregator)
+            hub = [aggregator.swarm.listen_addrs()[0]]
+            for index, device in enumerate(devices, start=1):
+                settings = sim_settings(base, index, hub).model_copy(
+                    update={"roles": [Role.TRAINER]}
+                )
+                state_dir = settings.state_dir
+                assert state_dir is not None
+                await trio.to_thread.run_sync(_register_partition, device, state_dir)
+                key_pair = create_new_key_pair()
+                trainer = builtin_trainer(state_dir, peer_id_of(key_pair), limiter)
+                node = Node(settings, key_pair, probe, trainer=trainer)
+                await nursery.start(node.run)
+                nodes.append(node)
+            try:
+                for run in config.strategies:
+                    job = job_for(config, run, [n.peer_id for n in nodes[1:]])
+                    callback = (lambda r, label=run.label: on_round(label, r)) if on_round else None
+                    result = await run_job(
+                        aggregator,
+                        job,
+                        base / "jobs" / job.name,
+                        on_round=callback,
+                        trainer_wait_s=JOIN_WAIT_S,
+                    )
+                    outcomes.append(StrategyOutcome(run.label, result))
+            finally:
+                for node in nodes:
+                    node.stop()
+    return outcomes
+
+
+def _register_partition(device: Any, state_dir: Path) -> None:
+    path = state_dir / "partition.npz"
+    state_dir.mkdir(parents=True, exist_ok=True)
+    save_partition(device, path)
+    DatasetCatalog(state_dir).add(SIM_DATASET, f"npz:{path}", preprocessing="none")
+
+
+def write_results(outcomes: Sequence[StrategyOutcome], out: Path, title: str) -> list[Path]:
+    """Per-round metrics as JSON and CSV, and a PNG of loss and accuracy per round."""
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    summary = {o.label: o.summary() for o in outcomes}
+    json_path = out / "metrics.json"
+    json_path.write_text(json.dumps({"title": title, "strategies": summary}, indent=2))
+    written.append(json_path)
+    csv_path = out / "metrics.csv"
+    with csv_path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        fields = list(RoundRecord.__dataclass_fields__)
+        writer.writerow(["strategy", *fields])
+        for outcome in outcomes:
+            for record in outcome.result.history:
+                row = record.as_json()
+                writer.writerow([outcome.label, *(row[f] for f in fields)])
+    written.append(csv_path)
+    written.append(plot_results(outcomes, out / "metrics.png", title))
+    return written
+
+
+def plot_results(outcomes: Sequence[StrategyOutcome], path: Path, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (loss_axis, accuracy_axis) = plt.subplots(1, 2, figsize=(11, 4))
+    for outcome in outcomes:
+        rounds = [r.round for r in outcome.result.history]
+        loss_axis.plot(rounds, [_loss(r) for r in outcome.result.history], label=outcome.label)
+        accuracy_axis.plot(
+            rounds, [r.eval_accuracy for r in outcome.result.history], label=outcome.label
+        )
+    loss_axis.set(xlabel="round", ylabel="training loss", title="loss")
+    accuracy_axis.set(xlabel="round", ylabel="test accuracy", title="accuracy")
+    accuracy_axis.legend()
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
