@@ -24,6 +24,8 @@ from hivenode.cli_common import (
     emit_json,
     fail,
 )
+from hivenode.cli_data import data_app
+from hivenode.cli_fl import sim_fl
 from hivenode.cli_models import models_app  # typer and the stdlib only at import time
 
 app = typer.Typer(
@@ -36,6 +38,8 @@ app = typer.Typer(
 sim_app = typer.Typer(help="Run many real nodes on this machine.", no_args_is_help=True)
 app.add_typer(sim_app, name="sim")
 app.add_typer(models_app, name="models")
+app.add_typer(data_app, name="data")
+sim_app.command("fl")(sim_fl)
 
 
 def _load_settings(config: Path | None, **flags: Any) -> Any:

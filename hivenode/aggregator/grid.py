@@ -96,6 +96,9 @@ class SwarmGrid(Grid):
         """The job's round in progress, as trainers and the traffic records see it."""
         self._drop_stragglers = drop_stragglers
         self._local = local
+        self._unreachable: set[str] = set()
+        """Trainers a send could not reach: skipped until they advertise again."""
+        self._seen_advert: dict[str, int] = {}
         self._replies: dict[str, Message] = {}
         self._pending: dict[str, trio.CancelScope] = {}
         self._done = trio.Event()
@@ -124,7 +127,12 @@ class SwarmGrid(Grid):
     def get_node_ids(self) -> Iterable[int]:
         """The job's trainers that the node still knows (its peer table, or itself)."""
         table, own = self._node.peer_table, self._node.peer_id
-        return [node_id for node_id, peer in self._peers.items() if peer in table or peer == own]
+        self._forgive_readvertised()
+        return [
+            node_id
+            for node_id, peer in self._peers.items()
+            if (peer in table or peer == own) and peer not in self._unreachable
+        ]
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         ids: list[str] = self._from_thread(self._push, list(messages), None)
@@ -180,11 +188,15 @@ class SwarmGrid(Grid):
             with scope:
                 if peer is None:
                     raise RpcError("unknown_node", f"node {meta.dst_node_id} is not in this job")
+                if peer in self._unreachable:
+                    raise RpcError("unreachable", f"{peer} did not answer earlier in this job")
                 reply = await self._exchange(message, peer, traffic, timeout)
             if scope.cancelled_caught:
                 raise RpcError("timeout", "no reply before the round's deadline")
             reply = self._apply_straggler_policy(message, reply, traffic)
         except RpcError as exc:
+            if exc.code == "unreachable" and peer is not None:
+                self._mark_unreachable(peer)
             traffic.failed += 1
             traffic.errors[peer or str(meta.dst_node_id)] = f"{exc.code}: {exc.message}"
             log.info("job %s: %s: %s", self._address.job_id, peer, exc)
@@ -255,13 +267,26 @@ class SwarmGrid(Grid):
             traffic.replied += 1
             return reply
         traffic.stragglers += 1
-        if not self._drop_stragglers:
+        # a straggler that took no step would only pull the mean back to the old model
+        if not self._drop_stragglers and _metric(reply, "local-steps") != 0:
             traffic.replied += 1
             return reply
         return Message(
             Error(STRAGGLER_DROPPED, "straggler: partial work dropped by the job's policy"),
             reply_to=message,
         )
+
+    def _mark_unreachable(self, peer: str) -> None:
+        entry = self._node.peer_table.get(peer)
+        self._unreachable.add(peer)
+        self._seen_advert[peer] = entry.advert.seq if entry else -1
+
+    def _forgive_readvertised(self) -> None:
+        """A trainer that advertised again since it failed is back (it restarted)."""
+        for peer in list(self._unreachable):
+            entry = self._node.peer_table.get(peer)
+            if entry is not None and entry.advert.seq > self._seen_advert.get(peer, -1):
+                self._unreachable.discard(peer)
 
     def _shift_round(self, body: dict[str, Any]) -> None:
         body["meta"]["group_id"] = str(self.round)
@@ -274,6 +299,13 @@ class SwarmGrid(Grid):
 
 def meta_ttl(message: Message) -> float:
     return float(message.metadata.ttl)
+
+
+def _metric(reply: Message, key: str) -> Any:
+    for record in reply.content.metric_records.values():
+        if key in record:
+            return record[key]
+    return None
 
 
 def _is_partial(reply: Message) -> bool:

@@ -26,6 +26,8 @@ ConfigValues = dict[
     | list[bool],
 ]
 """What a Flower ConfigRecord holds."""
+TRAINER_DEADLINE_SHARE = 0.85
+"""The part of a round's deadline a trainer may spend training."""
 JOB_NAME_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
 StrategyName = Literal[
     "fedavg", "fedprox", "scaffold", "fedmedian", "fedtrimmedavg", "krum", "multikrum"
@@ -95,7 +97,8 @@ class JobSpec(_Strict):
             "batch-size": self.train.batch_size,
             "seed": self.seed,
             "straggler-fraction": self.train.straggler_fraction,
-            "deadline-s": self.deadline_s,
+            # trainers stop early enough for their reply to travel before the round closes
+            "deadline-s": self.deadline_s * TRAINER_DEADLINE_SHARE,
         }
 
     def evaluate_config(self) -> ConfigValues:

@@ -32,7 +32,7 @@ def seeded(seed: int) -> Iterator[None]:
     """
     cuda = torch.cuda.is_available()
     with torch.random.fork_rng(devices=[torch.cuda.current_device()] if cuda else []):
-        torch.random.default_generator.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)
         if cuda:
             torch.cuda.manual_seed(seed)  # only the forked (current) device
         yield
@@ -65,7 +65,7 @@ def _logreg(
 ) -> nn.Sequential:
     """Multinomial logistic regression: one linear map from the flattened input to logits."""
     _check_options("logreg", options, allowed=())
-    return _sequential([], math.prod(feature_shape), num_classes)
+    return _sequential([nn.Flatten()], math.prod(feature_shape), num_classes)
 
 
 def _mlp(
@@ -74,7 +74,7 @@ def _mlp(
     """Fully connected ReLU layers of `options["hidden"]` widths (default [64])."""
     _check_options("mlp", options, allowed=("hidden",))
     hidden = _positive_ints("mlp", "hidden", options.get("hidden", DEFAULT_HIDDEN))
-    layers: list[nn.Module] = []
+    layers: list[nn.Module] = [nn.Flatten()]
     width = math.prod(feature_shape)
     for size in hidden:
         layers += [nn.Linear(width, size), nn.ReLU()]
@@ -107,6 +107,7 @@ def _cnn(
         layers += [nn.Conv2d(in_channels, out_channels, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]
         in_channels = out_channels
         height, width = height // 2, width // 2
+    layers.append(nn.Flatten())
     return _sequential(layers, in_channels * height * width, num_classes)
 
 
@@ -114,11 +115,11 @@ _BUILDERS: dict[str, Builder] = {"logreg": _logreg, "mlp": _mlp, "cnn": _cnn}
 
 
 def _sequential(features: list[nn.Module], width: int, num_classes: int) -> nn.Sequential:
-    # Every model flattens what its features produce, then one linear "head" gives logits.
+    """`features` (ending in `width` flat values per example), then the linear "head"."""
     return nn.Sequential(
         OrderedDict(
             [
-                ("features", nn.Sequential(*features, nn.Flatten())),
+                ("features", nn.Sequential(*features)),
                 ("head", nn.Linear(width, num_classes)),
             ]
         )

@@ -11,8 +11,10 @@ import trio
 
 from hivenode.agent.blob_transfer import BlobResolver
 from hivenode.agent.hardware import HardwareProbe
+from hivenode.agent.identity import peer_id_of
 from hivenode.agent.node import Node
 from hivenode.agent.settings import Settings
+from hivenode.agent.trainer import Trainer
 
 
 def node_settings(tmp: Path, name: str, **overrides: Any) -> Settings:
@@ -28,6 +30,8 @@ def node_settings(tmp: Path, name: str, **overrides: Any) -> Settings:
 
 
 StartNode = Callable[..., Awaitable[Node]]
+MakeTrainer = Callable[[Path, str], Trainer]
+"""(state dir, peer id) → the node's trainer role."""
 
 
 @asynccontextmanager
@@ -43,11 +47,17 @@ async def local_swarm(tmp: Path) -> AsyncIterator[StartNode]:
             name: str,
             bootstrap: list[Node] | None = None,
             blob_resolver: BlobResolver | None = None,
+            make_trainer: MakeTrainer | None = None,
             **overrides: Any,
         ) -> Node:
             addrs = [n.swarm.listen_addrs()[0] for n in bootstrap or []]
             settings = node_settings(tmp, name, bootstrap_peers=addrs, **overrides)
-            node = Node(settings, create_new_key_pair(), probe, blob_resolver=blob_resolver)
+            key_pair = create_new_key_pair()
+            trainer = None
+            if make_trainer is not None:
+                assert settings.state_dir is not None
+                trainer = make_trainer(settings.state_dir, peer_id_of(key_pair))
+            node = Node(settings, key_pair, probe, blob_resolver=blob_resolver, trainer=trainer)
             await nursery.start(node.run)
             nodes.append(node)
             return node

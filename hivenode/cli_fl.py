@@ -1,0 +1,147 @@
+"""`hivenode sim fl`: compare federated strategies on a local swarm of real nodes.
+
+Mounted by `cli.py`; imports typer and the stdlib only at module level.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from hivenode.cli_common import EXIT_FAILURE, EXIT_USAGE, JsonOpt, console, emit_json, fail
+
+STRATEGY_HELP = (
+    "Comma-separated: fedavg, fedprox[:MU], scaffold, fedmedian, fedtrimmedavg, krum, multikrum"
+)
+
+
+def sim_fl(
+    nodes: Annotated[int, typer.Option("--nodes", "-n", min=2, max=200)] = 10,
+    dataset: Annotated[
+        str,
+        typer.Option(
+            help="synthetic:ALPHA,BETA | synthetic:iid | digits | iris | breast_cancer | wine"
+            " | file:PATH.npz"
+        ),
+    ] = "digits",
+    partition: Annotated[str, typer.Option(help="iid | dirichlet:ALPHA (label skew)")] = "iid",
+    strategy: Annotated[str, typer.Option(help=STRATEGY_HELP)] = "fedavg",
+    mu: Annotated[float, typer.Option(min=0, help="FedProx's μ where fedprox has none")] = 0.01,
+    model: Annotated[str, typer.Option(help="torch zoo: logreg | mlp | cnn")] = "mlp",
+    framework: Annotated[str, typer.Option(help="torch | keras | sklearn | hf")] = "torch",
+    rounds: Annotated[int, typer.Option(min=1)] = 10,
+    clients_per_round: Annotated[int, typer.Option(min=1)] = 10,
+    local_epochs: Annotated[int, typer.Option(min=1)] = 1,
+    batch_size: Annotated[int, typer.Option(min=1)] = 10,
+    lr: Annotated[float, typer.Option(min=0)] = 0.01,
+    stragglers: Annotated[
+        float, typer.Option(min=0, max=1, help="fraction of trainers doing fewer epochs")
+    ] = 0.0,
+    straggler_policy: Annotated[
+        str | None,
+        typer.Option(help="drop | partial (default: fedavg drops, the others keep partial work)"),
+    ] = None,
+    deadline: Annotated[float, typer.Option(min=1, help="a round's deadline in seconds")] = 600.0,
+    seed: Annotated[int, typer.Option()] = 0,
+    out: Annotated[Path | None, typer.Option(help="write metrics JSON/CSV and a plot here")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Run each strategy as a federated job over N real nodes on 127.0.0.1, then compare."""
+    import trio
+
+    from hivenode.aggregator.runner import JobError
+    from hivenode.models.training.backend import TrainingError
+    from hivenode.sim.fl import FlSimConfig, StrategyRun, run_fl_sim, write_results
+    from hivenode.sim.fl_datasets import DatasetSpecError
+
+    if straggler_policy not in (None, "drop", "partial"):
+        fail(f"--straggler-policy must be drop or partial, not {straggler_policy!r}", EXIT_USAGE)
+    try:
+        runs = [StrategyRun.parse(s, mu, straggler_policy) for s in strategy.split(",") if s]
+    except ValueError as exc:
+        fail(f"--strategy: {exc}", EXIT_USAGE)
+    config = FlSimConfig(
+        nodes=nodes,
+        dataset=dataset,
+        partition=partition,
+        strategies=runs,
+        framework=framework,
+        model=model,
+        rounds=rounds,
+        clients_per_round=clients_per_round,
+        local_epochs=local_epochs,
+        batch_size=batch_size,
+        lr=lr,
+        stragglers=stragglers,
+        seed=seed,
+        deadline_s=deadline,
+    )
+    with _progress(not as_json, [r.label for r in runs], rounds) as on_round:
+        try:
+            outcomes = trio.run(lambda: run_fl_sim(config, on_round=on_round))
+        except* DatasetSpecError as group:
+            fail(str(group.exceptions[0]), EXIT_USAGE)
+        except* (JobError, TrainingError) as group:
+            fail(str(group.exceptions[0]), EXIT_FAILURE)
+    title = f"{dataset} ({partition}), {nodes} nodes, {model}, stragglers {stragglers:g}"
+    summary = {o.label: o.summary() for o in outcomes}
+    written = write_results(outcomes, out, title) if out else []
+    if as_json:
+        emit_json({"title": title, "strategies": summary, "files": [str(p) for p in written]})
+        return
+    _print_summary(title, summary, written)
+
+
+def _progress(show: bool, labels: list[str], rounds: int) -> Any:
+    from contextlib import contextmanager
+
+    @contextmanager
+    def progress() -> Any:
+        if not show:
+            yield None
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+        with Progress(
+            TextColumn("{task.description:<18}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[stats]}"),
+            console=console(),
+        ) as bar:
+            tasks = {label: bar.add_task(label, total=rounds, stats="") for label in labels}
+
+            def on_round(label: str, record: Any) -> None:
+                loss = record.global_train_loss or record.train_loss
+                accuracy = record.eval_accuracy
+                stats = f"loss {loss:.4f} acc {accuracy:.3f}" if loss and accuracy else ""
+                stats += f"  {record.participants} trainers, {record.stragglers} stragglers"
+                bar.update(tasks[label], completed=record.round, stats=stats)
+
+            yield on_round
+
+    return progress()
+
+
+def _print_summary(title: str, summary: dict[str, Any], written: list[Path]) -> None:
+    from rich.table import Table
+
+    table = Table(title=title)
+    for column in ("strategy", "rounds", "final accuracy", "final loss", "overhead/round", "wall"):
+        table.add_column(column, justify="left" if column == "strategy" else "right")
+    for label, row in summary.items():
+        accuracy, loss = row["final_accuracy"], row["final_loss"]
+        table.add_row(
+            label,
+            str(row["rounds"]),
+            f"{accuracy:.4f}" if accuracy is not None else "-",
+            f"{loss:.4f}" if loss is not None else "-",
+            f"{row['round_overhead_ms']:.1f} ms" if row["round_overhead_ms"] is not None else "-",
+            f"{row['wall_s']:.1f} s",
+        )
+    out = console()
+    out.print(table)
+    for path in written:
+        out.print(f"wrote {path}")
