@@ -14,6 +14,7 @@ messages' `group_id`. A job resumed from a checkpoint restarts Flower's count at
 from __future__ import annotations
 
 import logging
+import random
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -42,6 +43,10 @@ CONNECT_GRACE = 5.0
 """Seconds past the round deadline allowed for opening a stream and sending the message."""
 
 
+class GridError(Exception):
+    """The job cannot go on over this Grid: too few trainers left."""
+
+
 @dataclass
 class RoundTraffic:
     """What one round's messages of one type cost on the wire, and who answered how."""
@@ -57,6 +62,8 @@ class RoundTraffic:
     """The longest time a trainer said it spent in the app (queueing for a worker included)."""
     errors: dict[str, str] = field(default_factory=dict)
     """Peer id → why its reply was an error."""
+    selected: list[int] = field(default_factory=list)
+    """Partition ids (the trainers' indexes in the job) the strategy sent messages to."""
 
 
 @dataclass(frozen=True)
@@ -83,6 +90,9 @@ class SwarmGrid(Grid):
         round_offset: int = 0,
         drop_stragglers: bool = False,
         local: Callable[[WireMessage, str], Any] | None = None,
+        seed: int = 0,
+        min_available: int = 1,
+        short_wait_s: float = 60.0,
     ) -> None:
         self._node = node
         self._address = address
@@ -96,6 +106,10 @@ class SwarmGrid(Grid):
         """The job's round in progress, as trainers and the traffic records see it."""
         self._drop_stragglers = drop_stragglers
         self._local = local
+        self._seed = seed
+        self._min_available = min_available
+        self._short_wait_s = short_wait_s
+        self._short_since: float | None = None
         self._unreachable: set[str] = set()
         """Trainers a send could not reach: skipped until they advertise again."""
         self._seen_advert: dict[str, int] = {}
@@ -125,14 +139,36 @@ class SwarmGrid(Grid):
         return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
 
     def get_node_ids(self) -> Iterable[int]:
-        """The job's trainers that the node still knows (its peer table, or itself)."""
+        """The job's trainers that the node still knows (its peer table, or itself).
+
+        Flower's `sample_nodes` calls this and then samples with the global `random`, and
+        loops forever while fewer than its minimum are available. So the global `random` is
+        seeded here from the job's seed and round (a job's selection is reproducible, even
+        with other tasks drawing from `random`), and a job short of trainers for longer than
+        `short_wait_s` fails with GridError instead of waiting for ever.
+        """
         table, own = self._node.peer_table, self._node.peer_id
         self._forgive_readvertised()
-        return [
+        ids = [
             node_id
             for node_id, peer in self._peers.items()
             if (peer in table or peer == own) and peer not in self._unreachable
         ]
+        self._check_enough(len(ids))
+        random.seed(self._seed * 1_000_003 + self.round)
+        return ids
+
+    def _check_enough(self, available: int) -> None:
+        if available >= self._min_available:
+            self._short_since = None
+            return
+        now = time.monotonic()
+        self._short_since = self._short_since or now
+        if now - self._short_since > self._short_wait_s:
+            raise GridError(
+                f"only {available} of the job's trainers are reachable, it needs "
+                f"{self._min_available}"
+            )
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         ids: list[str] = self._from_thread(self._push, list(messages), None)
@@ -184,6 +220,8 @@ class SwarmGrid(Grid):
         key = (self.round, meta.message_type)
         traffic = self.traffic.setdefault(key, RoundTraffic())
         traffic.sent += 1
+        if peer is not None:
+            traffic.selected.append(self._partition[peer])
         try:
             with scope:
                 if peer is None:

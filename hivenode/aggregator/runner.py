@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -28,7 +27,7 @@ from hivenode.agent.flower_wire import node_id_of
 from hivenode.agent.node import Node
 from hivenode.agent.trainer import BUILTIN_APP
 from hivenode.aggregator.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from hivenode.aggregator.grid import JobAddress, RoundTraffic, SwarmGrid
+from hivenode.aggregator.grid import GridError, JobAddress, RoundTraffic, SwarmGrid
 from hivenode.aggregator.job_spec import JobSpec
 from hivenode.aggregator.strategy_factory import build_strategy
 from hivenode.fsutil import atomic_write
@@ -65,6 +64,8 @@ class RoundRecord:
     duration_s: float
     compute_s: float = 0.0
     """The slowest trainer's time in train plus in evaluate: the rest is the round's overhead."""
+    selected: tuple[int, ...] = ()
+    """Partition ids of the trainers sampled for training, as the strategy chose them."""
 
     def as_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -106,7 +107,8 @@ class _Recorder:
 
 
 def select_trainers(node: Node, job: JobSpec) -> tuple[list[str], DatasetInfo | None]:
-    """Peers (and this node) advertising the trainer role and the job's dataset, by id."""
+    """Peers (and this node) advertising the trainer role and the job's dataset: the job's
+    own list in its order, or all of them by peer id."""
     found: dict[str, DatasetInfo] = {}
     for entry in node.peer_table.entries():
         advert = entry.advert
@@ -119,9 +121,8 @@ def select_trainers(node: Node, job: JobSpec) -> tuple[list[str], DatasetInfo | 
         for info in node.trainer.datasets():
             if info.name == job.dataset:
                 found[node.peer_id] = info
-    if job.trainers:
-        found = {peer: info for peer, info in found.items() if peer in job.trainers}
-    peers = sorted(found)
+    # the job's order is the partition ids' order: a listed trainer keeps its index
+    peers = [p for p in job.trainers if p in found] if job.trainers else sorted(found)
     return peers, found[peers[0]] if peers else None
 
 
@@ -218,6 +219,9 @@ async def _run_rounds(
             round_offset=done,
             drop_stragglers=job.straggler_policy == "drop",
             local=node.trainer.handle if node.trainer else None,
+            seed=job.seed,
+            min_available=job.min_clients,
+            short_wait_s=job.deadline_s,
         )
         round_started = [time.monotonic()]
 
@@ -249,7 +253,6 @@ async def _run_rounds(
 
         def start() -> ArrayRecord:
             _set_task_identity(node, job)
-            random.seed(job.seed * 1_000_003 + done)  # Flower samples with `random`
             result = strategy.start(
                 grid=grid,
                 initial_arrays=_record_of(arrays),
@@ -261,7 +264,10 @@ async def _run_rounds(
             )
             return result.arrays
 
-        final = await trio.to_thread.run_sync(start)
+        try:
+            final = await trio.to_thread.run_sync(start)
+        except GridError as exc:
+            raise JobError(f"job {job.name} stopped: {exc}") from exc
         nursery.cancel_scope.cancel()
     if not len(final):
         return arrays
@@ -288,6 +294,7 @@ def _round_record(
         bytes_in=train.bytes_in + evaluate.bytes_in,
         duration_s=duration_s,
         compute_s=train.compute_s + evaluate.compute_s,
+        selected=tuple(sorted(train.selected)),
     )
 
 
@@ -297,7 +304,7 @@ def _metric(record: MetricRecord | None, key: str) -> float | None:
 
 
 def _record(raw: dict[str, Any]) -> RoundRecord:
-    return RoundRecord(**raw)
+    return RoundRecord(**{**raw, "selected": tuple(raw.get("selected", ()))})
 
 
 def _record_of(arrays: dict[str, NDArray]) -> ArrayRecord:

@@ -148,6 +148,8 @@ async def run_fl_sim(
         probe = HardwareProbe(base)
         # trainers share the machine: as many training threads as cores, not one per node
         limiter = trio.CapacityLimiter(max(1, os.cpu_count() or 1))
+        if config.framework in ("torch", "hf"):
+            _one_torch_thread()
         nodes: list[Node] = []
         outcomes: list[StrategyOutcome] = []
         async with trio.open_nursery() as nursery:
@@ -188,11 +190,18 @@ async def run_fl_sim(
     return outcomes
 
 
+def _one_torch_thread() -> None:
+    """Trainers already run one per core; torch's own intra-op threads would fight them."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
 def _register_partition(device: Any, state_dir: Path) -> None:
     path = state_dir / "partition.npz"
     state_dir.mkdir(parents=True, exist_ok=True)
     save_partition(device, path)
-    DatasetCatalog(state_dir).add(SIM_DATASET, f"npz:{path}", preprocessing="none")
+    DatasetCatalog(state_dir).add(SIM_DATASET, f"npz:{path}", preprocessing="none", replace=True)
 
 
 def write_results(outcomes: Sequence[StrategyOutcome], out: Path, title: str) -> list[Path]:
