@@ -35,7 +35,7 @@ def sim_fl(
     clients_per_round: Annotated[int, typer.Option(min=1)] = 10,
     local_epochs: Annotated[int, typer.Option(min=1)] = 1,
     batch_size: Annotated[int, typer.Option(min=1)] = 10,
-    lr: Annotated[float, typer.Option(min=0)] = 0.01,
+    lr: Annotated[float, typer.Option(min=0)] = 0.1,
     stragglers: Annotated[
         float, typer.Option(min=0, max=1, help="fraction of trainers doing fewer epochs")
     ] = 0.0,

@@ -56,7 +56,7 @@ class StrategySection(_Strict):
 
 
 class TrainSection(_Strict):
-    lr: float = Field(0.01, gt=0)
+    lr: float = Field(0.05, gt=0)
     local_epochs: int = Field(1, ge=1)
     batch_size: int = Field(32, ge=1)
     straggler_fraction: float = Field(

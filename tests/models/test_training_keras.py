@@ -6,6 +6,7 @@ One module, so that TensorFlow is imported once.
 from __future__ import annotations
 
 import json
+import os
 import random
 import time
 
@@ -23,6 +24,7 @@ from hivenode.models.training.backend import (
 )
 from hivenode.models.training.keras_backend import keras_spec
 
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")  # as the adapter sets it, before keras loads
 keras = pytest.importorskip("keras")
 
 BACKEND = backend_for("keras")
