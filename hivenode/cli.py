@@ -26,6 +26,7 @@ from hivenode.cli_common import (
 )
 from hivenode.cli_data import data_app
 from hivenode.cli_fl import sim_fl
+from hivenode.cli_jobs import jobs_app
 from hivenode.cli_models import models_app  # typer and the stdlib only at import time
 
 app = typer.Typer(
@@ -39,6 +40,7 @@ sim_app = typer.Typer(help="Run many real nodes on this machine.", no_args_is_he
 app.add_typer(sim_app, name="sim")
 app.add_typer(models_app, name="models")
 app.add_typer(data_app, name="data")
+app.add_typer(jobs_app, name="jobs")
 sim_app.command("fl")(sim_fl)
 
 
@@ -177,10 +179,16 @@ def run(
     from hivenode.agent.daemon import run_daemon
     from hivenode.agent.errors import AgentError
     from hivenode.agent.systemd import configure_logging
+    from hivenode.protocol.advert import Role
 
     configure_logging(settings.log_level)
+    services = []
+    if Role.AGGREGATOR in settings.roles:
+        from hivenode.aggregator.service import JobService
+
+        services.append(JobService())
     try:
-        trio.run(run_daemon, settings)
+        trio.run(run_daemon, settings, services)
     except AgentError as exc:
         fail(str(exc))
     except OSError as exc:

@@ -52,5 +52,5 @@ def ask_daemon(
 
     try:
         return call(client_socket_path(config, runtime_dir), method, path, timeout, body)
-    except ControlError as exc:
-        fail(str(exc))
+    except ControlError as exc:  # the daemon refusing our input is a usage error
+        fail(str(exc), EXIT_USAGE if exc.status == 400 else EXIT_FAILURE)

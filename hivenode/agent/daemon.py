@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 import signal
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 
@@ -13,12 +14,13 @@ from hivenode.agent import paths
 from hivenode.agent.control import ApiError, ControlApi, Request
 from hivenode.agent.errors import RpcError
 from hivenode.agent.hardware import HardwareProbe
-from hivenode.agent.identity import load_or_create_identity
+from hivenode.agent.identity import load_or_create_identity, peer_id_of
 from hivenode.agent.metrics import Metrics
 from hivenode.agent.node import Node
 from hivenode.agent.node_views import peers_view, status_view
 from hivenode.agent.settings import Settings
 from hivenode.agent.systemd import SystemdNotifier
+from hivenode.protocol.advert import Role
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +64,16 @@ def build_control_api(node: Node, state_dir: Path) -> ControlApi:
     return api
 
 
-async def run_daemon(settings: Settings) -> None:
+class DaemonService(Protocol):
+    """A part above `agent/` that lives in the daemon (the aggregator's jobs): it adds its
+    routes to the control API, then runs beside the node until the daemon stops."""
+
+    def install(self, node: Node, api: ControlApi, state_dir: Path) -> None: ...
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None: ...
+
+
+async def run_daemon(settings: Settings, services: Sequence[DaemonService] = ()) -> None:
     """Run until SIGTERM/SIGINT, then leave cleanly within `settings.shutdown_timeout`."""
     state_dir = paths.state_dir(settings.state_dir)
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -70,7 +81,22 @@ async def run_daemon(settings: Settings) -> None:
     metrics = Metrics()
     from hivenode.agent.model_fetch import blob_resolver
 
-    node = Node(settings, key_pair, HardwareProbe(state_dir), metrics, blob_resolver(state_dir))
+    trainer = None
+    if Role.TRAINER in settings.roles:
+        from hivenode.agent.trainer import builtin_trainer
+
+        trainer = builtin_trainer(state_dir, peer_id_of(key_pair))
+    node = Node(
+        settings,
+        key_pair,
+        HardwareProbe(state_dir),
+        metrics,
+        blob_resolver(state_dir),
+        trainer=trainer,
+    )
+    api = build_control_api(node, state_dir)
+    for service in services:
+        service.install(node, api, state_dir)
     notifier = SystemdNotifier()
     socket_path = paths.control_socket(settings.runtime_dir)
     if settings.metrics_enabled:
@@ -79,7 +105,9 @@ async def run_daemon(settings: Settings) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(node.run)
-            await nursery.start(build_control_api(node, state_dir).serve, socket_path)
+            await nursery.start(api.serve, socket_path)
+            for service in services:
+                await nursery.start(service.run)
             nursery.start_soon(_systemd_loop, node, notifier)
             notifier.ready()
             log.info(

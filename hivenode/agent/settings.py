@@ -52,7 +52,9 @@ class Settings(BaseSettings):
     bootstrap_peers: list[str] = Field(default_factory=list)
     mdns: bool = False
     psk: str | None = Field(None, description="64 hex chars: join only a private swarm")
-    roles: list[Role] = Field(default_factory=lambda: [Role.TRAINER, Role.INFERENCE])
+    roles: list[Role] = Field(
+        default_factory=lambda: [Role.TRAINER, Role.AGGREGATOR, Role.INFERENCE]
+    )
     advert_period: float = Field(30.0, ge=1, description="minimum seconds between adverts")
     advert_deliveries_per_s: float = Field(
         2.0,

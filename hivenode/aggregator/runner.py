@@ -70,6 +70,10 @@ class RoundRecord:
     def as_json(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> RoundRecord:
+        return cls(**{**raw, "selected": tuple(raw.get("selected", ()))})
+
 
 @dataclass
 class JobResult:
@@ -170,7 +174,9 @@ async def run_job(
         log.info("job %s: resuming after round %d of %d", job.name, done, job.rounds)
     else:
         arrays = await trio.to_thread.run_sync(_initial_arrays, job, info)
-    recorder = _Recorder(history=[_record(r) for r in (checkpoint.history if checkpoint else [])])
+    recorder = _Recorder(
+        history=[RoundRecord.from_json(r) for r in (checkpoint.history if checkpoint else [])]
+    )
     if done < job.rounds:
         arrays = await _run_rounds(
             node, job, job_dir, trainers, arrays, checkpoint, recorder, on_round
@@ -301,10 +307,6 @@ def _round_record(
 def _metric(record: MetricRecord | None, key: str) -> float | None:
     value = record.get(key) if record is not None else None
     return float(value) if isinstance(value, int | float) else None
-
-
-def _record(raw: dict[str, Any]) -> RoundRecord:
-    return RoundRecord(**{**raw, "selected": tuple(raw.get("selected", ()))})
 
 
 def _record_of(arrays: dict[str, NDArray]) -> ArrayRecord:

@@ -127,7 +127,7 @@ def _input_shape(config: Any, layers: list[dict[str, Any]]) -> tuple[int | None,
     return None
 
 
-def _unsafe(config: Any) -> list[str]:
+def unsafe_keras_layers(config: Any) -> list[str]:
     """Layers whose config carries Python code (Lambda's marshalled bytecode)."""
     found: list[str] = []
 
@@ -196,7 +196,7 @@ def _info(fmt: str, config: Any, tensors: list[Tensor], details: dict[str, Any])
         _CLASSIFYING_ACTIVATIONS
     ):
         subtype = "classification"
-    unsafe = _unsafe(config)
+    unsafe = unsafe_keras_layers(config)
     details["class_name"] = config.get("class_name") if isinstance(config, dict) else None
     details["tensors"] = len(tensors)
     # Keras counts every weight, BatchNorm statistics included (model.count_params()).

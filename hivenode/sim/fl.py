@@ -227,18 +227,28 @@ def write_results(outcomes: Sequence[StrategyOutcome], out: Path, title: str) ->
 
 
 def plot_results(outcomes: Sequence[StrategyOutcome], path: Path, title: str) -> Path:
+    histories = {
+        o.label: [
+            {"round": r.round, "loss": _loss(r), "accuracy": r.eval_accuracy}
+            for r in o.result.history
+        ]
+        for o in outcomes
+    }
+    return plot_histories(histories, path, title)
+
+
+def plot_histories(histories: dict[str, list[dict[str, Any]]], path: Path, title: str) -> Path:
+    """Loss and accuracy per round, one line per label; rows hold round, loss, accuracy."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     figure, (loss_axis, accuracy_axis) = plt.subplots(1, 2, figsize=(11, 4))
-    for outcome in outcomes:
-        rounds = [r.round for r in outcome.result.history]
-        loss_axis.plot(rounds, [_loss(r) for r in outcome.result.history], label=outcome.label)
-        accuracy_axis.plot(
-            rounds, [r.eval_accuracy for r in outcome.result.history], label=outcome.label
-        )
+    for label, rows in histories.items():
+        rounds = [row["round"] for row in rows]
+        loss_axis.plot(rounds, [row["loss"] for row in rows], label=label)
+        accuracy_axis.plot(rounds, [row["accuracy"] for row in rows], label=label)
     loss_axis.set(xlabel="round", ylabel="training loss", title="loss")
     accuracy_axis.set(xlabel="round", ylabel="test accuracy", title="accuracy")
     accuracy_axis.legend()

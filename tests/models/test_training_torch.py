@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hivenode.models.training import torch_backend, zoo
+from hivenode.models.training import loop, zoo
 from hivenode.models.training.backend import (
     LocalData,
     ModelSpec,
@@ -212,7 +212,7 @@ def test_a_deadline_stops_training_after_the_batch_that_crosses_it(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     ticks = iter(range(1000))  # the clock advances one second per batch
-    monkeypatch.setattr(torch_backend, "time", SimpleNamespace(monotonic=lambda: next(ticks)))
+    monkeypatch.setattr(loop, "time", SimpleNamespace(monotonic=lambda: next(ticks)))
     data = blobs()
     outcome = BACKEND.train(
         spec("logreg"), init("logreg", data), data, settings(local_epochs=5, deadline=7.5)

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from hivenode.models.identify_keras import _unsafe as code_carrying_layers
+from hivenode.models.identify_keras import unsafe_keras_layers
 from hivenode.models.training.backend import (
     Evaluation,
     LocalData,
@@ -34,7 +34,7 @@ from hivenode.models.training.backend import (
     TrainOutcome,
     TrainSettings,
 )
-from hivenode.models.training.sklearn_backend import (
+from hivenode.models.training.loop import (
     as_given,
     check_arrays,
     checked_labels,
@@ -78,7 +78,7 @@ def _config(spec: ModelSpec) -> dict[str, Any]:
     config = spec.options.get("config")
     if not isinstance(config, dict):
         raise TrainingError("a Keras spec needs options {'config': <model.to_json() as a dict>}")
-    unsafe = code_carrying_layers(config)
+    unsafe = unsafe_keras_layers(config)
     if unsafe:
         raise TrainingError(
             f"the Keras config has layers that carry Python code ({', '.join(unsafe)}); "

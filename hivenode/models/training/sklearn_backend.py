@@ -1,9 +1,5 @@
 """scikit-learn adapter: allow-listed estimators trained by `partial_fit`, one call a minibatch.
 
-This module also holds the framework-neutral part of local training that the Keras adapter
-shares: the seeded minibatch schedule with its straggler and deadline stops, the label and
-array checks, and SCAFFOLD's corrections.
-
 scikit-learn has no hook inside `partial_fit`'s update, so FedProx and SCAFFOLD are applied
 in their decoupled form: after each `partial_fit` step, w ← w − η·μ·(w − w_global) and then
 w ← w − η·(c − c_i). To first order in η this is the same step as the coupled
@@ -13,8 +9,6 @@ w ← w − η·(g + μ·(w − w_global) + c − c_i) that the gradient-tape ad
 from __future__ import annotations
 
 import importlib
-import math
-import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -32,148 +26,15 @@ from hivenode.models.training.backend import (
     TrainOutcome,
     TrainSettings,
 )
-
-# --- shared with keras_backend ---------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class LocalWork:
-    """What one round of local training really did, before the arrays are attached."""
-
-    loss_sum: float
-    epochs_completed: int
-    examples_seen: int
-    local_steps: int
-
-    def outcome(self, arrays: dict[str, NDArray]) -> TrainOutcome:
-        # No batch seen (the deadline had passed): there is no loss to report, as in torch.
-        mean = self.loss_sum / self.examples_seen if self.examples_seen else math.nan
-        return TrainOutcome(
-            arrays, mean, self.epochs_completed, self.examples_seen, self.local_steps
-        )
-
-
-def checked_training(data: LocalData, settings: TrainSettings) -> NDArray:
-    """The training labels as int64, once the settings and the data are known to fit, so
-    that a bad round fails before a model is built."""
-    _check_settings(settings)
-    if len(data.y_train) == 0:
-        raise TrainingError("the local training set is empty")
-    return checked_labels(data.y_train, data.num_classes, len(data.x_train))
-
-
-def _check_settings(settings: TrainSettings) -> None:
-    problems = [
-        f"{name} must be {rule}, got {value}"
-        for name, value, ok, rule in (
-            ("lr", settings.lr, settings.lr > 0, "> 0"),
-            ("local_epochs", settings.local_epochs, settings.local_epochs >= 1, "≥ 1"),
-            ("batch_size", settings.batch_size, settings.batch_size >= 1, "≥ 1"),
-            ("proximal_mu", settings.proximal_mu, settings.proximal_mu >= 0, "≥ 0"),
-            ("max_epochs", settings.max_epochs, (settings.max_epochs or 0) >= 0, "≥ 0"),
-        )
-        if not ok
-    ]
-    if problems:
-        raise TrainingError("bad training settings: " + "; ".join(problems))
-
-
-def run_minibatches(
-    num_examples: int, settings: TrainSettings, step: Callable[[NDArray], float]
-) -> LocalWork:
-    """Call `step(indices)` once per minibatch, each epoch in a fresh order drawn from
-    `settings.seed` (the torch adapter's order too), until `local_epochs` (or the
-    straggler's `max_epochs`) are done or the deadline has passed. `step` takes one optimizer
-    step on those examples and returns the summed cross-entropy of the batch it stepped from.
-    `settings` are those `checked_training` accepted."""
-    epochs = settings.local_epochs
-    if settings.max_epochs is not None:  # a straggler
-        epochs = min(epochs, settings.max_epochs)
-    rng = np.random.default_rng(settings.seed)
-    loss_sum, seen, steps, completed = 0.0, 0, 0, 0
-    for _ in range(epochs):
-        order = rng.permutation(num_examples)
-        for start in range(0, num_examples, settings.batch_size):
-            # Checked before each batch: training stops after the batch that crossed it.
-            if settings.deadline is not None and time.monotonic() >= settings.deadline:
-                return LocalWork(loss_sum, completed, seen, steps)
-            batch = order[start : start + settings.batch_size]
-            loss_sum += step(batch)
-            seen += len(batch)
-            steps += 1
-        completed += 1
-    return LocalWork(loss_sum, completed, seen, steps)
-
-
-def checked_labels(y: NDArray, num_classes: int, num_examples: int) -> NDArray:
-    """Integer labels in [0, num_classes), one per example, as int64: an out-of-range class
-    fails here rather than as a NaN loss on a GPU."""
-    labels = np.asarray(y)
-    if labels.shape != (num_examples,):
-        raise TrainingError(f"{num_examples} inputs but labels of shape {labels.shape}")
-    if labels.dtype.kind not in "iu":
-        raise TrainingError(f"labels must be integer classes, got dtype {labels.dtype}")
-    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-        raise TrainingError(
-            f"labels span {labels.min()}..{labels.max()}, the model has {num_classes} classes"
-        )
-    return labels.astype(np.int64)
-
-
-def check_arrays(given: Mapping[str, NDArray], shapes: Mapping[str, tuple[int, ...]]) -> None:
-    """`given` names exactly the model's arrays, each with the model's shape."""
-    missing, extra = set(shapes) - set(given), set(given) - set(shapes)
-    if missing or extra:
-        raise TrainingError(
-            "the arrays do not fit the model: "
-            f"missing {sorted(missing) or 'none'}, unexpected {sorted(extra) or 'none'}"
-        )
-    for key, shape in shapes.items():
-        if tuple(np.shape(given[key])) != tuple(shape):
-            raise TrainingError(
-                f"array {key!r} has shape {np.shape(given[key])}, the model needs {shape}"
-            )
-
-
-def scaffold_corrections(
-    arrays: Mapping[str, NDArray], scaffold: ScaffoldState | None
-) -> dict[str, NDArray] | None:
-    """SCAFFOLD's c − c_i per array key (float64), matched to the arrays by position."""
-    if scaffold is None:
-        return None
-    count = len(arrays)
-    if len(scaffold.control) != count or len(scaffold.client_control) != count:
-        raise TrainingError(
-            f"SCAFFOLD state has {len(scaffold.control)} server and "
-            f"{len(scaffold.client_control)} client control variates for {count} arrays"
-        )
-    corrections: dict[str, NDArray] = {}
-    for (key, array), c, c_i in zip(
-        arrays.items(), scaffold.control, scaffold.client_control, strict=True
-    ):
-        if np.shape(c) != np.shape(array) or np.shape(c_i) != np.shape(array):
-            raise TrainingError(
-                f"SCAFFOLD control variates for {key!r} have shapes {np.shape(c)} and "
-                f"{np.shape(c_i)}, the array has {np.shape(array)}"
-            )
-        corrections[key] = np.asarray(c, np.float64) - np.asarray(c_i, np.float64)
-    return corrections
-
-
-def as_given(given: Mapping[str, NDArray], trained: Mapping[str, NDArray]) -> dict[str, NDArray]:
-    """Trained arrays under the given keys, in the given order and dtypes."""
-    return {
-        key: np.array(trained[key], dtype=np.asarray(value).dtype) for key, value in given.items()
-    }
-
-
-def evaluation(loss_sum: float, correct: int, num_examples: int) -> Evaluation:
-    if num_examples == 0:
-        return Evaluation(0.0, 0.0, 0)
-    return Evaluation(loss_sum / num_examples, correct / num_examples, num_examples)
-
-
-# --- scikit-learn ------------------------------------------------------------------------------
+from hivenode.models.training.loop import (
+    as_given,
+    check_arrays,
+    checked_labels,
+    checked_training,
+    evaluation,
+    run_minibatches,
+    scaffold_corrections,
+)
 
 _ALLOCATION_LR = 1e-300
 """The learning rate of the one step on an all-zero example that allocates an estimator's

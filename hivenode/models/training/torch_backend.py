@@ -7,9 +7,7 @@ every adapter built on `train_model` follows the same round semantics.
 
 from __future__ import annotations
 
-import math
-import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,6 +27,16 @@ from hivenode.models.training.backend import (
     TrainOutcome,
     TrainSettings,
     as_float_arrays,
+)
+from hivenode.models.training.loop import (
+    LocalWork,
+    as_given,
+    check_arrays,
+    checked_labels,
+    checked_training,
+    evaluation,
+    minibatches,
+    scaffold_corrections,
 )
 
 EVAL_BATCH_SIZE = 512
@@ -60,20 +68,8 @@ def load_arrays(module: nn.Module, arrays: Mapping[str, NDArray]) -> None:
     """Load `arrays` into `module`: exactly its state_dict keys (tied names included), with
     its shapes, or a TrainingError that says which differ."""
     expected = module.state_dict()
-    missing = [key for key in expected if key not in arrays]
-    unexpected = [key for key in arrays if key not in expected]
-    if missing or unexpected:
-        raise TrainingError(
-            f"arrays do not fit the model: missing {_listing(missing)}, "
-            f"unexpected {_listing(unexpected)}"
-        )
-    for key, tensor in expected.items():
-        array = arrays[key]
-        if tuple(array.shape) != tuple(tensor.shape):
-            raise TrainingError(
-                f"array {key!r} has shape {tuple(array.shape)}, the model's is "
-                f"{tuple(tensor.shape)}"
-            )
+    check_arrays(arrays, {key: tuple(tensor.shape) for key, tensor in expected.items()})
+    for key, array in arrays.items():
         if array.dtype.kind not in "biuf":
             raise TrainingError(f"array {key!r} has dtype {array.dtype}, not a number type")
     copies = as_float_arrays(arrays)
@@ -83,7 +79,7 @@ def load_arrays(module: nn.Module, arrays: Mapping[str, NDArray]) -> None:
 def export_arrays(module: nn.Module, like: Mapping[str, NDArray]) -> dict[str, NDArray]:
     """The module's state in the key order and dtypes of `like` (the arrays it was given)."""
     state = module.state_dict()
-    return {key: _to_numpy(state[key], like[key].dtype) for key in like}
+    return as_given(like, {key: state[key].detach().cpu().numpy() for key in like})
 
 
 def infer_num_classes(
@@ -121,25 +117,18 @@ def train_model(
     scaffold: ScaffoldState | None = None,
 ) -> TrainOutcome:
     """One round of local training from `arrays` (see `Backend.train`)."""
-    _check_settings(settings)
-    if len(data.y_train) == 0:
-        raise TrainingError("the local training set is empty")
-    x, y = _examples(model, data.x_train, data.y_train, data.num_classes)
+    labels = checked_training(data, settings)
+    x, y = _tensors(model, data.x_train, labels)
     module = model.module.to(device())
     load_arrays(module, arrays)
-    terms = _GradientTerms.of(module, list(arrays), settings.proximal_mu, scaffold)
+    terms = _GradientTerms.of(module, arrays, settings.proximal_mu, scaffold)
     optimizer = torch.optim.SGD(terms.params, lr=settings.lr)
+    # Summed on the device and read once: a float per batch would wait for the GPU each step.
     loss_sum = torch.zeros((), device=device())
-    seen = steps = epochs_completed = 0
-    epochs = settings.local_epochs
-    if settings.max_epochs is not None:  # a straggler
-        epochs = min(epochs, settings.max_epochs)
+    work = LocalWork()
     module.train()
     with zoo.seeded(settings.seed):  # dropout, if the model has any, draws from torch's RNG
-        for index, ends_epoch in _batches(len(y), settings.batch_size, epochs, settings.seed):
-            # Checked before each batch: training stops after the batch that crossed it.
-            if settings.deadline is not None and time.monotonic() >= settings.deadline:
-                break
+        for index in minibatches(len(y), settings, work):
             batch = torch.from_numpy(index)
             optimizer.zero_grad(set_to_none=True)
             loss = F.cross_entropy(model.logits(x[batch].to(device())), y[batch].to(device()))
@@ -147,17 +136,8 @@ def train_model(
             terms.add_to_gradients()
             optimizer.step()
             loss_sum += loss.detach() * len(index)
-            seen += len(index)
-            steps += 1
-            epochs_completed += ends_epoch
-    return TrainOutcome(
-        arrays=export_arrays(module, arrays),
-        # no batch seen (the deadline had passed): there is no loss to report
-        train_loss=loss_sum.item() / seen if seen else math.nan,
-        epochs_completed=epochs_completed,
-        examples_seen=seen,
-        local_steps=steps,
-    )
+    work.loss_sum = loss_sum.item()
+    return work.outcome(export_arrays(module, arrays))
 
 
 def evaluate_model(
@@ -166,8 +146,8 @@ def evaluate_model(
     """Mean cross-entropy and accuracy of `arrays` on (x, y); an empty set scores 0 with
     weight 0, so it drops out of weighted means."""
     if len(y) == 0:
-        return Evaluation(loss=0.0, accuracy=0.0, num_examples=0)
-    inputs, labels = _examples(model, x, y, num_classes)
+        return evaluation(0.0, 0, 0)
+    inputs, labels = _tensors(model, x, checked_labels(y, num_classes, len(x)))
     module = model.module.to(device())
     load_arrays(module, arrays)
     module.eval()
@@ -179,8 +159,7 @@ def evaluate_model(
             logits = model.logits(inputs[start : start + EVAL_BATCH_SIZE].to(device()))
             loss_sum += F.cross_entropy(logits, batch_y, reduction="sum")
             correct += (logits.argmax(dim=1) == batch_y).sum()
-    n = len(labels)
-    return Evaluation(loss=loss_sum.item() / n, accuracy=correct.item() / n, num_examples=n)
+    return evaluation(loss_sum.item(), int(correct.item()), len(labels))
 
 
 class TorchBackend:
@@ -223,49 +202,12 @@ def _zoo_model(module: nn.Module) -> TorchModel:
     return TorchModel(module=module, logits=module, input_dtype=torch.float32)
 
 
-def _check_settings(settings: TrainSettings) -> None:
-    problems = [
-        f"{name} must be {rule}, got {value}"
-        for name, value, ok, rule in (
-            ("lr", settings.lr, settings.lr > 0, "> 0"),
-            ("local_epochs", settings.local_epochs, settings.local_epochs >= 1, "≥ 1"),
-            ("batch_size", settings.batch_size, settings.batch_size >= 1, "≥ 1"),
-            ("proximal_mu", settings.proximal_mu, settings.proximal_mu >= 0, "≥ 0"),
-            ("max_epochs", settings.max_epochs, (settings.max_epochs or 0) >= 0, "≥ 0"),
-        )
-        if not ok
-    ]
-    if problems:
-        raise TrainingError("bad training settings: " + "; ".join(problems))
-
-
-def _examples(
-    model: TorchModel, x: NDArray, y: NDArray, num_classes: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x, y) as CPU tensors, after checking the labels: an out-of-range class would fail
-    inside cross-entropy (on CUDA as an unrecoverable device assert)."""
-    if len(x) != len(y):
-        raise TrainingError(f"{len(x)} inputs but {len(y)} labels")
-    if y.dtype.kind not in "iu":
-        raise TrainingError(f"labels must be integer classes, got dtype {y.dtype}")
-    if len(y) and (int(y.min()) < 0 or int(y.max()) >= num_classes):
-        raise TrainingError(
-            f"labels span {int(y.min())}..{int(y.max())}, the model has {num_classes} classes"
-        )
+def _tensors(model: TorchModel, x: NDArray, labels: NDArray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and checked labels (see `checked_labels`) as CPU tensors."""
     if x.dtype.kind not in "biuf":
         raise TrainingError(f"inputs must be numbers, got dtype {x.dtype}")
     # copies: the node's cached data is read-only, and torch wants tensors it may write
-    return torch.tensor(x, dtype=model.input_dtype), torch.tensor(y, dtype=torch.long)
-
-
-def _batches(n: int, batch_size: int, epochs: int, seed: int) -> Iterator[tuple[NDArray, bool]]:
-    """Shuffled minibatch indices for `epochs` epochs, each flagged when it ends its epoch;
-    the shuffle depends on `seed` alone, so a round replays exactly."""
-    rng = np.random.default_rng(seed)
-    for _ in range(epochs):
-        order = rng.permutation(n)
-        for start in range(0, n, batch_size):
-            yield order[start : start + batch_size], start + batch_size >= n
+    return torch.tensor(x, dtype=model.input_dtype), torch.tensor(labels, dtype=torch.long)
 
 
 @dataclass(frozen=True)
@@ -281,14 +223,28 @@ class _GradientTerms:
 
     @classmethod
     def of(
-        cls, module: nn.Module, keys: list[str], mu: float, scaffold: ScaffoldState | None
+        cls,
+        module: nn.Module,
+        arrays: Mapping[str, NDArray],
+        mu: float,
+        scaffold: ScaffoldState | None,
     ) -> _GradientTerms:
+        """The terms for `module` once `arrays` are loaded into it; SCAFFOLD's control
+        variates follow the arrays' key order."""
         named = [(name, p) for name, p in module.named_parameters() if p.requires_grad]
+        differences = scaffold_corrections(arrays, scaffold)
+        # A tied parameter appears under several keys but is trained once, under the name
+        # `named_parameters` gives it, so it is corrected once.
+        corrections = (
+            []
+            if differences is None
+            else [torch.from_numpy(differences[name]).to(p.device, p.dtype) for name, p in named]
+        )
         return cls(
             params=[p for _, p in named],
             mu=mu,
             anchors=[p.detach().clone() for _, p in named] if mu > 0 else [],
-            corrections=_corrections(named, keys, scaffold) if scaffold else [],
+            corrections=corrections,
         )
 
     def add_to_gradients(self) -> None:
@@ -303,40 +259,7 @@ class _GradientTerms:
                 param.grad.add_(self.corrections[i])
 
 
-def _corrections(
-    params: list[tuple[str, nn.Parameter]], keys: list[str], scaffold: ScaffoldState
-) -> list[torch.Tensor]:
-    """SCAFFOLD's c − c_i for each trained parameter, on its device and in its dtype.
-
-    The control variates come in the arrays' key order; a tied parameter appears under
-    several keys but is trained once, under the name `named_parameters` gives it.
-    """
-    if not len(keys) == len(scaffold.control) == len(scaffold.client_control):
-        raise TrainingError(
-            f"SCAFFOLD controls have {len(scaffold.control)} and "
-            f"{len(scaffold.client_control)} tensors, the model {len(keys)} arrays"
-        )
-    control = dict(zip(keys, scaffold.control, strict=True))
-    client_control = dict(zip(keys, scaffold.client_control, strict=True))
-    corrections = []
-    for name, param in params:
-        difference = np.asarray(control[name], np.float64) - np.asarray(client_control[name])
-        if difference.shape != tuple(param.shape):
-            raise TrainingError(
-                f"SCAFFOLD control {name!r} has shape {difference.shape}, the model's is "
-                f"{tuple(param.shape)}"
-            )
-        corrections.append(torch.from_numpy(difference).to(param.device, param.dtype))
-    return corrections
-
-
 def _to_numpy(tensor: torch.Tensor, dtype: npt.DTypeLike | None) -> NDArray:
     array = tensor.detach().cpu().numpy()
     # astype copies, so the result never shares memory with the module
     return array.astype(dtype if dtype is not None else array.dtype)
-
-
-def _listing(keys: list[str], limit: int = 5) -> str:
-    shown = ", ".join(repr(k) for k in keys[:limit])
-    more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
-    return f"[{shown}{more}]"

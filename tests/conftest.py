@@ -103,6 +103,7 @@ class Daemon:
         self.socket_path = control_socket(self.runtime_dir)
         self.log_path = base / "daemon.log"
         self.env = clean_env(base, env)
+        self.extra_env = dict(env or {})
         self.metrics_port = metrics_port
         args = [
             str(HIVENODE),
@@ -120,7 +121,7 @@ class Daemon:
             args += ["--metrics-port", str(metrics_port)]
         if bootstrap is not None:
             args += ["--bootstrap", bootstrap]
-        self._log = self.log_path.open("wb")
+        self._log = self.log_path.open("ab")  # a restarted daemon appends to the same log
         self.process = subprocess.Popen(
             args, env=self.env, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
         )
@@ -135,6 +136,10 @@ class Daemon:
     def cli(self, *args: str, timeout: float = CLI_TIMEOUT) -> subprocess.CompletedProcess[str]:
         """`hivenode ARGS... --runtime-dir <ours>` with this daemon's environment."""
         return run_cli(*args, "--runtime-dir", self.runtime_dir, env=self.env, timeout=timeout)
+
+    def cli_offline(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """`hivenode ARGS...` with this daemon's environment, not pointed at its socket."""
+        return run_cli(*args, env=self.env)
 
     def cli_json(self, *args: str) -> Any:
         result = self.cli(*args, "--json")
@@ -231,6 +236,16 @@ class Daemons:
         if wait:
             daemon.wait_ready()
         return daemon
+
+    def restart(self, daemon: Daemon, bootstrap: Daemon | None = None) -> Daemon:
+        """A new `hivenode run` on `daemon`'s directories (same identity and state), which
+        must have exited; it listens on a new port, so it joins through `bootstrap`."""
+        assert daemon.process.poll() is not None, "stop it first"
+        address = bootstrap.addr if bootstrap is not None else None
+        again = Daemon(daemon.name, daemon.base, address, daemon.metrics_port, daemon.extra_env)
+        self._started.append(again)
+        again.wait_ready()
+        return again
 
     def close(self) -> None:
         for daemon in self._started:  # all at once: each takes a moment to leave

@@ -1,0 +1,188 @@
+"""Jobs in the daemon: `POST /v1/jobs` starts one, `GET /v1/jobs[/{name}]` reports on them.
+
+Each job lives in `<state_dir>/checkpoints/<name>/`: `job.json` (the spec, its state and
+error) next to the round checkpoints. A daemon that restarts resumes every job that was
+running, from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+from pydantic import ValidationError
+
+from hivenode.agent.control import ApiError, ControlApi, Request
+from hivenode.agent.node import Node
+from hivenode.aggregator.checkpoint import CheckpointError, load_checkpoint
+from hivenode.aggregator.job_spec import JobSpec
+from hivenode.aggregator.runner import JobError, RoundRecord, run_job
+from hivenode.fsutil import atomic_write
+from hivenode.models.training.backend import TrainingError
+
+log = logging.getLogger(__name__)
+
+RUNNING, FINISHED, FAILED = "running", "finished", "failed"
+
+
+@dataclass
+class JobState:
+    spec: JobSpec
+    state: str = RUNNING
+    error: str | None = None
+    submitted_at: float = field(default_factory=time.time)
+    finished_at: float | None = None
+    history: list[RoundRecord] = field(default_factory=list)
+    model_path: str | None = None
+    resumed_from: int = 0
+    """The round the last run of the job started after (0: from scratch)."""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "spec": self.spec.model_dump(mode="json"),
+            "state": self.state,
+            "error": self.error,
+            "submitted_at": self.submitted_at,
+            "finished_at": self.finished_at,
+            "model_path": self.model_path,
+        }
+
+    def summary(self) -> dict[str, Any]:
+        last = self.history[-1] if self.history else None
+        return {
+            "name": self.spec.name,
+            "state": self.state,
+            "strategy": self.spec.strategy.name,
+            "round": last.round if last else 0,
+            "rounds": self.spec.rounds,
+            "accuracy": last.eval_accuracy if last else None,
+            "loss": (last.global_train_loss or last.train_loss) if last else None,
+            "participants": last.participants if last else 0,
+            "error": self.error,
+        }
+
+    def detail(self) -> dict[str, Any]:
+        return {
+            **self.summary(),
+            "spec": self.spec.model_dump(mode="json"),
+            "submitted_at": self.submitted_at,
+            "finished_at": self.finished_at,
+            "model_path": self.model_path,
+            "resumed_from": self.resumed_from,
+            "history": [r.as_json() for r in self.history],
+        }
+
+
+class JobService:
+    """The aggregator role in the daemon."""
+
+    def __init__(self) -> None:
+        self._jobs: dict[str, JobState] = {}
+        self._node: Node | None = None
+        self._root = Path()
+        self._send, self._receive = trio.open_memory_channel[str](64)
+
+    def install(self, node: Node, api: ControlApi, state_dir: Path) -> None:
+        self._node = node
+        self._root = state_dir / "checkpoints"
+        api.route("POST", "/v1/jobs", self._submit, mutating=True)
+        api.route("GET", "/v1/jobs", self._list)
+        api.route("GET", "/v1/jobs/{name}", self._show)
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Resume the jobs that were running, then run each submitted job as it comes."""
+        await trio.to_thread.run_sync(self._load_all)
+        async with trio.open_nursery() as nursery:
+            for name, job in self._jobs.items():
+                if job.state == RUNNING:
+                    log.info("resuming job %s", name)
+                    nursery.start_soon(self._run_one, name)
+            task_status.started()
+            async for name in self._receive:
+                nursery.start_soon(self._run_one, name)
+
+    # --- routes ------------------------------------------------------------------------------
+
+    async def _submit(self, request: Request, params: dict[str, str]) -> Any:
+        try:
+            spec = JobSpec.model_validate_json(request.body or b"{}")
+        except ValidationError as exc:
+            raise ApiError(400, _validation_message(exc)) from exc
+        known = self._jobs.get(spec.name)
+        if known is not None and known.state == RUNNING:
+            raise ApiError(409, f"job {spec.name!r} is already running")
+        if known is not None and known.spec != spec:
+            raise ApiError(409, f"a different job named {spec.name!r} exists; pick a new name")
+        job = JobState(spec, history=list(known.history) if known else [])
+        self._jobs[spec.name] = job
+        await trio.to_thread.run_sync(self._save, job)
+        await self._send.send(spec.name)
+        return job.summary()
+
+    async def _list(self, request: Request, params: dict[str, str]) -> Any:
+        return [job.summary() for job in sorted(self._jobs.values(), key=lambda j: j.submitted_at)]
+
+    async def _show(self, request: Request, params: dict[str, str]) -> Any:
+        job = self._jobs.get(params["name"])
+        if job is None:
+            raise ApiError(404, f"no job named {params['name']!r}")
+        return job.detail()
+
+    # --- running -----------------------------------------------------------------------------
+
+    async def _run_one(self, name: str) -> None:
+        job = self._jobs[name]
+        assert self._node is not None
+        job.state, job.error, job.finished_at = RUNNING, None, None
+        job.resumed_from = len(job.history)
+        try:
+            result = await run_job(
+                self._node, job.spec, self._root / name, on_round=job.history.append
+            )
+            job.history, job.model_path = result.history, str(result.model_path)
+            job.state = FINISHED
+            log.info("job %s finished after %d rounds", name, len(result.history))
+        except (JobError, TrainingError, CheckpointError) as exc:
+            job.state, job.error = FAILED, str(exc)
+            log.error("job %s failed: %s", name, exc)
+        except Exception as exc:  # one job's bug must not take the daemon down
+            job.state, job.error = FAILED, f"{type(exc).__name__}: {exc}"
+            log.exception("job %s crashed", name)
+        job.finished_at = time.time()
+        await trio.to_thread.run_sync(self._save, job)
+
+    def _save(self, job: JobState) -> None:
+        path = self._root / job.spec.name / "job.json"
+        atomic_write(path, json.dumps(job.to_json(), indent=2).encode())
+
+    def _load_all(self) -> None:
+        for path in sorted(self._root.glob("*/job.json")):
+            try:
+                raw = json.loads(path.read_text())
+                job = JobState(
+                    spec=JobSpec.model_validate(raw["spec"]),
+                    state=raw["state"],
+                    error=raw.get("error"),
+                    submitted_at=raw.get("submitted_at", 0.0),
+                    finished_at=raw.get("finished_at"),
+                    model_path=raw.get("model_path"),
+                )
+                checkpoint = load_checkpoint(path.parent)
+            except (OSError, ValueError, KeyError, ValidationError, CheckpointError) as exc:
+                log.error("skipping unreadable job %s: %s", path.parent.name, exc)
+                continue
+            if checkpoint is not None:
+                job.history = [RoundRecord.from_json(r) for r in checkpoint.history]
+            self._jobs[job.spec.name] = job
+
+
+def _validation_message(exc: ValidationError) -> str:
+    first = exc.errors()[0]
+    where = ".".join(str(part) for part in first["loc"]) or "job"
+    more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+    return f"{where}: {first['msg']}{more}"

@@ -1,0 +1,102 @@
+"""Federated jobs through real `hivenode run` daemons and the `hivenode jobs` CLI."""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import Daemon, Daemons, run_cli, wait_for
+
+from hivenode.sim.fl_datasets import federated_dataset, save_partition
+
+JOB = """\
+name = "{name}"
+dataset = "digits"
+rounds = {rounds}
+clients_per_round = 3
+deadline_s = 30
+
+[model]
+framework = "torch"
+name = "logreg"
+
+[train]
+lr = 0.1
+batch_size = 16
+"""
+FAST = {"HIVENODE_ADVERT_PERIOD": "2", "OMP_NUM_THREADS": "1"}
+
+
+def add_digits(daemon: Daemon, part: Any) -> None:
+    path = daemon.base / "digits.npz"
+    save_partition(part, path)
+    result = daemon.cli_offline(
+        "data", "add", "digits", str(path), "--state-dir", str(daemon.state_dir)
+    )
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.fixture
+def three(daemons: Daemons) -> list[Daemon]:
+    """An aggregator-and-trainer hub plus two trainers, each with a third of digits."""
+    parts = federated_dataset("digits", 3, partition="iid", seed=1)
+    hub = daemons.start("hub", env=FAST)
+    nodes = [hub, daemons.start("t1", bootstrap=hub, env=FAST)]
+    nodes.append(daemons.start("t2", bootstrap=hub, env=FAST))
+    for node, part in zip(nodes, parts, strict=True):
+        add_digits(node, part)
+    return nodes
+
+
+def submit(hub: Daemon, name: str, rounds: int) -> Any:
+    job_file = hub.base / f"{name}.toml"
+    job_file.write_text(JOB.format(name=name, rounds=rounds))
+    return hub.cli_json("jobs", "submit", str(job_file))
+
+
+def test_a_submitted_job_runs_to_the_end_on_three_daemons(three: list[Daemon]) -> None:
+    hub = three[0]
+    started = submit(hub, "digits", rounds=3)
+    assert started["state"] == "running"
+    job = json.loads(hub.cli("jobs", "watch", "digits", "--json", timeout=180).stdout)
+    assert job["state"] == "finished", job["error"]
+    history = job["history"]
+    assert [r["round"] for r in history] == [1, 2, 3]
+    assert all(r["participants"] == 3 for r in history)
+    assert history[-1]["global_train_loss"] < history[0]["global_train_loss"]
+    assert Path(job["model_path"]).exists()
+    (listed,) = hub.cli_json("jobs", "list")
+    assert listed["name"] == "digits" and listed["round"] == 3
+
+
+def test_a_killed_aggregator_resumes_the_job_where_it_stopped(
+    daemons: Daemons, three: list[Daemon]
+) -> None:
+    hub = three[0]
+    submit(hub, "resumable", rounds=8)
+    wait_for(lambda: hub.api("/v1/jobs/resumable")["round"] >= 2, 120, what="two rounds")
+    hub.signal(signal.SIGKILL)
+    hub.wait_exit()
+    restarted = daemons.restart(hub, bootstrap=three[1])
+    job = json.loads(restarted.cli("jobs", "watch", "resumable", "--json", timeout=240).stdout)
+    assert job["state"] == "finished", job["error"]
+    assert job["resumed_from"] >= 2
+    assert [r["round"] for r in job["history"]] == list(range(1, 9))
+
+
+def test_bad_job_files_are_one_line_usage_errors(three: list[Daemon], tmp_path: Path) -> None:
+    hub = three[0]
+    bad_toml = tmp_path / "bad.toml"
+    bad_toml.write_text("name = \n")
+    unknown = tmp_path / "unknown.toml"
+    unknown.write_text('name = "x"\ndataset = "digits"\nrounds = 2\nroundz = 3\n')
+    for path, needle in ((bad_toml, "not valid TOML"), (unknown, "roundz")):
+        result = hub.cli("jobs", "submit", str(path))
+        assert result.returncode == 2
+        assert needle in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    missing = hub.cli("jobs", "show", "nope")
+    assert missing.returncode == 1 and "no job named 'nope'" in missing.stderr
+    assert run_cli("jobs", "list", "--runtime-dir", str(tmp_path), env=hub.env).returncode == 1
