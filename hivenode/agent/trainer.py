@@ -56,6 +56,8 @@ class JobContext:
     context: Context
     path: Path
     messages: int = 0
+    saved: bytes = b""
+    """The state as last written: unchanged state (most apps keep none) costs no fsync."""
 
 
 @dataclass
@@ -115,11 +117,12 @@ class Trainer:
             known.context.run_config.update(run_config)
             return known
         path = self.state_dir / "jobs" / job / "trainer-state.bin"
+        state = _load_state(path)
         context = Context(
             run_id=0,
             node_id=node_id_of(self.peer_id),
             node_config=node_config,
-            state=_load_state(path),
+            state=state,
             run_config=run_config,
         )
         log.info("job %s: training for aggregator %s", job, aggregator)
@@ -165,7 +168,10 @@ def _scalars(raw: dict[Any, Any], name: str) -> dict[str, Any]:
 def _save_state(job: JobContext) -> None:
     records, tensors = encode_records(job.context.state)
     wire = WireMessage("trainer-state", 0, "", {"records": records}, tuple(tensors))
-    atomic_write(job.path, b"".join(bytes(part) for part in encode_message(wire)))
+    data = b"".join(bytes(part) for part in encode_message(wire))
+    if data != job.saved:
+        atomic_write(job.path, data)
+        job.saved = data
 
 
 def _load_state(path: Path) -> RecordDict:

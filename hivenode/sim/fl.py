@@ -74,6 +74,7 @@ class FlSimConfig:
     stragglers: float = 0.0
     seed: int = 0
     deadline_s: float = 600.0
+    evaluate_fraction: float = 1.0
     model_options: dict[str, Any] = field(default_factory=dict)
 
 
@@ -111,6 +112,7 @@ def job_for(config: FlSimConfig, run: StrategyRun, trainers: Sequence[str]) -> J
             "rounds": config.rounds,
             "clients_per_round": min(config.clients_per_round, config.nodes),
             "deadline_s": config.deadline_s,
+            "evaluate_fraction": config.evaluate_fraction,
             "straggler_policy": "drop" if run.drop_stragglers else "partial",
             "seed": config.seed,
             "trainers": list(trainers),

@@ -1,15 +1,19 @@
 """The "hf" adapter: Hugging Face transformers classifiers built from a config dict.
 
 Only architectures transformers itself ships are built, from the config alone: nothing is
-downloaded and no remote code runs. Inputs are int token ids of shape (n, seq_len) with every
-position attended; training and evaluation are torch_backend's, shared by every torch model.
+downloaded and no remote code runs. Inputs are token ids of shape (n, seq_len) with every
+position attended: integers, or whole floats as a node's dataset catalog hands every adapter
+its features (float32 holds every id below 2**24 exactly). Training and evaluation are
+torch_backend's, shared by every torch model.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
+import numpy as np
 import torch
 import transformers
 from torch import nn
@@ -75,8 +79,8 @@ class HFBackend:
         scaffold: ScaffoldState | None = None,
     ) -> TrainOutcome:
         module = build_model(spec, data.num_classes)
-        _check_tokens(module, data.x_train)
-        return train_model(_sequence_classifier(module), arrays, data, settings, scaffold)
+        tokens = replace(data, x_train=_token_ids(module, data.x_train))
+        return train_model(_sequence_classifier(module), arrays, tokens, settings, scaffold)
 
     def evaluate(
         self, spec: ModelSpec, arrays: Mapping[str, NDArray], x: NDArray, y: NDArray
@@ -85,8 +89,8 @@ class HFBackend:
             lambda n: build_model(spec, n), arrays, f"hf model {spec.name}"
         )
         module = build_model(spec, num_classes)
-        _check_tokens(module, x)
-        return evaluate_model(_sequence_classifier(module), arrays, x, y, num_classes)
+        tokens = _token_ids(module, x)
+        return evaluate_model(_sequence_classifier(module), arrays, tokens, y, num_classes)
 
 
 BACKEND = HFBackend()
@@ -117,13 +121,15 @@ def _sequence_classifier(module: nn.Module) -> TorchModel:
     return TorchModel(module=module, logits=logits, input_dtype=torch.long)
 
 
-def _check_tokens(module: nn.Module, x: NDArray) -> None:
-    """Token ids the model can embed; otherwise an embedding lookup fails deep inside the
-    model (on CUDA as an unrecoverable device assert)."""
+def _token_ids(module: nn.Module, x: NDArray) -> NDArray:
+    """`x` as int64 token ids the model can embed; otherwise an embedding lookup fails deep
+    inside the model (on CUDA as an unrecoverable device assert)."""
     config: Any = getattr(module, "config", None)
-    if x.ndim != 2 or x.dtype.kind not in "iu":
+    whole = x.dtype.kind in "iu" or (x.dtype.kind == "f" and bool(np.all(np.mod(x, 1) == 0)))
+    if x.ndim != 2 or not whole:
         raise TrainingError(
-            f"hf inputs must be int token ids (n, seq_len), got {x.dtype} {x.shape}"
+            f"hf inputs must be token ids, whole numbers of shape (n, seq_len), got {x.dtype} "
+            f"{x.shape}"
         )
     vocab_size = getattr(config, "vocab_size", None)
     if x.size and vocab_size is not None and (int(x.min()) < 0 or int(x.max()) >= vocab_size):
@@ -133,3 +139,4 @@ def _check_tokens(module: nn.Module, x: NDArray) -> None:
     max_positions = getattr(config, "max_position_embeddings", None)
     if max_positions is not None and x.shape[1] > max_positions:
         raise TrainingError(f"sequences of {x.shape[1]} tokens exceed the model's {max_positions}")
+    return x.astype(np.int64)
