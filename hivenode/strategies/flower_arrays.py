@@ -19,25 +19,13 @@ from collections.abc import Sequence
 import numpy.typing as npt
 from flwr.app import ArrayRecord, RecordDict
 
-from hivenode.models.flower_arrays import (
-    array_to_numpy,
-    arrayrecord_to_numpy,
-    numpy_to_array,
-)
+from hivenode.models.flower_arrays import array_to_numpy, numpy_to_array
 from hivenode.strategies.aggregate import (
     CHUNK_ELEMENTS,
     AggregationError,
     NDArray,
     weighted_mean,
 )
-
-__all__ = [
-    "aggregate_arrayrecords",
-    "array_to_numpy",
-    "arrayrecord_to_numpy",
-    "numpy_to_array",
-    "reply_weight",
-]
 
 
 def reply_weight(content: RecordDict, weighting_metric_name: str) -> float:

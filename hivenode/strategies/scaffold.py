@@ -28,7 +28,7 @@ class Scaffold(FedAvg):
     model x as ArrayRecord `arrayrecord_key` and c as ArrayRecord `control_key`. Every trainer
     i keeps its own c_i (zero at first), takes K_i corrected steps
     y ← y − η_l·(g(y) + c − c_i), updates c_i⁺ = c_i − c + (x − y_i)/(K_i·η_l) (see
-    `hivenode.strategies.scaffold_client`) and replies with:
+    `hivenode.models.training.scaffold_client`) and replies with:
 
     - ArrayRecord `delta_y_key`: Δy_i = y_i − x, same keys as x;
     - ArrayRecord `delta_c_key`: Δc_i = c_i⁺ − c_i, same keys as x;

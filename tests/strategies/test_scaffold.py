@@ -14,8 +14,8 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.task_identity import TaskIdentity
 
 from hivenode.models.flower_arrays import arrayrecord_to_numpy, numpy_to_array
+from hivenode.models.training.scaffold_client import GradientFn, local_train, zeros_like
 from hivenode.strategies.scaffold import Scaffold
-from hivenode.strategies.scaffold_client import GradientFn, local_train, zeros_like
 
 NDArray = np.ndarray[Any, Any]
 

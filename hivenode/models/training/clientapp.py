@@ -38,7 +38,7 @@ from hivenode.models.training.backend import (
     TrainSettings,
     backend_for,
 )
-from hivenode.strategies.scaffold_client import control_update
+from hivenode.models.training.scaffold_client import control_update
 
 logger = logging.getLogger(__name__)
 

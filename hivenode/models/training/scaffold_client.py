@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hivenode.strategies.aggregate import AggregationError, NDArray
+from hivenode.models.training.backend import NDArray, TrainingError
 
 Model = Sequence[NDArray]
 GradientFn = Callable[[list[NDArray]], list[NDArray]]
@@ -62,9 +62,9 @@ def control_update(
     when it stopped at a deadline); it must be ≥ 1, and `local_lr` > 0.
     """
     if local_steps < 1:
-        raise AggregationError(f"local_steps must be ≥ 1, got {local_steps}")
+        raise TrainingError(f"local_steps must be ≥ 1, got {local_steps}")
     if not local_lr > 0.0:
-        raise AggregationError(f"local_lr must be > 0, got {local_lr}")
+        raise TrainingError(f"local_lr must be > 0, got {local_lr}")
     _check_same_shapes(client_control, control, x, y)
     scale = 1.0 / (local_steps * local_lr)
     return [
@@ -108,4 +108,4 @@ def _check_same_shapes(first: Model, *others: Model) -> None:
     for other in others:
         got = [np.shape(t) for t in other]
         if got != shapes:
-            raise AggregationError(f"tensor shapes {got} do not match {shapes}")
+            raise TrainingError(f"tensor shapes {got} do not match {shapes}")
