@@ -132,7 +132,8 @@ def show(
         )
     out.print(table)
     if job["model_path"]:
-        out.print(f"model: {job['model_path']}")
+        registered = f" (registry: {job['registered']})" if job.get("registered") else ""
+        out.print(f"model: {job['model_path']}{registered}")
 
 
 @jobs_app.command("watch")

@@ -23,6 +23,7 @@ from hivenode.aggregator.checkpoint import CheckpointError, load_checkpoint
 from hivenode.aggregator.job_spec import JobSpec
 from hivenode.aggregator.runner import JobError, RoundRecord, run_job
 from hivenode.fsutil import atomic_write
+from hivenode.models.errors import ModelError
 from hivenode.models.training.backend import TrainingError
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,8 @@ class JobState:
     model_path: str | None = None
     resumed_from: int = 0
     """The round the last run of the job started after (0: from scratch)."""
+    registered: str | None = None
+    """The final model in the node's registry, as name@version."""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -50,6 +53,7 @@ class JobState:
             "submitted_at": self.submitted_at,
             "finished_at": self.finished_at,
             "model_path": self.model_path,
+            "registered": self.registered,
         }
 
     def summary(self) -> dict[str, Any]:
@@ -74,6 +78,7 @@ class JobState:
             "finished_at": self.finished_at,
             "model_path": self.model_path,
             "resumed_from": self.resumed_from,
+            "registered": self.registered,
             "history": [r.as_json() for r in self.history],
         }
 
@@ -145,6 +150,10 @@ class JobService:
                 self._node, job.spec, self._root / name, on_round=job.history.append
             )
             job.history, job.model_path = result.history, str(result.model_path)
+            try:
+                job.registered = await trio.to_thread.run_sync(self._register, job)
+            except ModelError as exc:  # the model file stays; the job did its work
+                log.error("job %s: could not register its model: %s", name, exc)
             job.state = FINISHED
             log.info("job %s finished after %d rounds", name, len(result.history))
         except (JobError, TrainingError, CheckpointError) as exc:
@@ -155,6 +164,24 @@ class JobService:
             log.exception("job %s crashed", name)
         job.finished_at = time.time()
         await trio.to_thread.run_sync(self._save, job)
+
+    def _register(self, job: JobState) -> str:
+        """The final model as the next version of the job's name in the registry."""
+        from hivenode.models.identify import identify
+        from hivenode.models.registry import Registry
+
+        assert job.model_path is not None
+        path = Path(job.model_path)
+        last = job.history[-1] if job.history else None
+        metrics = {
+            "job": job.spec.name,
+            "rounds": len(job.history),
+            "accuracy": last.eval_accuracy if last else None,
+            "loss": (last.global_train_loss or last.train_loss) if last else None,
+        }
+        with Registry(self._root.parent) as registry:
+            version = registry.add(path, job.spec.name, identify(path), metrics=metrics)
+        return version.spec
 
     def _save(self, job: JobState) -> None:
         path = self._root / job.spec.name / "job.json"
@@ -171,6 +198,7 @@ class JobService:
                     submitted_at=raw.get("submitted_at", 0.0),
                     finished_at=raw.get("finished_at"),
                     model_path=raw.get("model_path"),
+                    registered=raw.get("registered"),
                 )
                 checkpoint = load_checkpoint(path.parent)
             except (OSError, ValueError, KeyError, ValidationError, CheckpointError) as exc:

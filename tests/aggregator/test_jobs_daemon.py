@@ -68,6 +68,12 @@ def test_a_submitted_job_runs_to_the_end_on_three_daemons(three: list[Daemon]) -
     assert all(r["participants"] == 3 for r in history)
     assert history[-1]["global_train_loss"] < history[0]["global_train_loss"]
     assert Path(job["model_path"]).exists()
+    assert job["registered"] == "digits@1"
+    versions = hub.cli_offline(
+        "models", "versions", "digits", "--state-dir", str(hub.state_dir), "--json"
+    )
+    (version,) = json.loads(versions.stdout)
+    assert version["metrics"]["rounds"] == 3
     (listed,) = hub.cli_json("jobs", "list")
     assert listed["name"] == "digits" and listed["round"] == 3
 
