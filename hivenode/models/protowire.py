@@ -28,12 +28,19 @@ class Field(NamedTuple):
 def mapped(path: Path) -> Iterator[memoryview]:
     """The file's bytes, memory-mapped: protobuf fields are parsed without reading the
     weights they skip over."""
-    with path.open("rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
+    with path.open("rb") as handle:
+        data = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
         view = memoryview(data)
         try:
             yield view
         finally:
-            view.release()
+            try:
+                view.release()
+                data.close()
+            except BufferError:
+                # an exception's traceback still holds slices of the map (its frames'
+                # locals): the map is unmapped when they are collected, not now
+                pass
 
 
 def read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
