@@ -28,6 +28,7 @@ from hivenode.cli_data import data_app
 from hivenode.cli_fl import sim_fl
 from hivenode.cli_jobs import jobs_app
 from hivenode.cli_models import models_app  # typer and the stdlib only at import time
+from hivenode.cli_planner import plan_command, qtable_app
 
 app = typer.Typer(
     name="hivenode",
@@ -41,6 +42,8 @@ app.add_typer(sim_app, name="sim")
 app.add_typer(models_app, name="models")
 app.add_typer(data_app, name="data")
 app.add_typer(jobs_app, name="jobs")
+app.add_typer(qtable_app, name="qtable")
+app.command("plan")(plan_command)
 sim_app.command("fl")(sim_fl)
 
 
