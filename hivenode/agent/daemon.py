@@ -18,6 +18,7 @@ from hivenode.agent.identity import load_or_create_identity, peer_id_of
 from hivenode.agent.metrics import Metrics
 from hivenode.agent.node import Node
 from hivenode.agent.node_views import peers_view, status_view
+from hivenode.agent.qtable_gossip import QTableGossip
 from hivenode.agent.settings import Settings
 from hivenode.agent.systemd import SystemdNotifier
 from hivenode.protocol.advert import Role
@@ -93,6 +94,7 @@ async def run_daemon(settings: Settings, services: Sequence[DaemonService] = ())
         metrics,
         blob_resolver(state_dir),
         trainer=trainer,
+        qtable=QTableGossip(state_dir, peer_id_of(key_pair)),
     )
     api = build_control_api(node, state_dir)
     for service in services:

@@ -29,6 +29,8 @@ from hivenode.protocol.ids import (
     ADVERTS_TOPIC,
     FL_PROTOCOL,
     PEER_TABLE_PROTOCOL,
+    QTABLE_PROTOCOL,
+    QTABLE_TOPIC,
     STATUS_PROTOCOL,
 )
 from hivenode.protocol.limits import CONTROL_LIMITS, DEFAULT_LIMITS, Limits
@@ -37,6 +39,7 @@ from hivenode.protocol.message import Message
 if TYPE_CHECKING:
     from libp2p.crypto.keys import KeyPair
 
+    from hivenode.agent.qtable_gossip import QTableGossip
     from hivenode.agent.trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -54,6 +57,8 @@ BOOTSTRAP_RETRY = 10.0
 """Seconds between checks that a connection is left (else the bootstrap peers are re-dialled)."""
 DIAL_ADDR_TTL = 120
 """Seconds libp2p keeps a peer's advertised addresses after we dialled it."""
+QTABLE_PULL_PERIOD = 600.0
+"""Seconds between pulls of a peer's Q-table snapshot (gossip carries changes between)."""
 FIRST_PULL_DELAY = 5.0
 """The first anti-entropy pull after joining, and the pace while pulls bring news."""
 
@@ -81,6 +86,7 @@ class Node:
         metrics: Metrics | None = None,
         blob_resolver: BlobResolver | None = None,
         trainer: Trainer | None = None,
+        qtable: QTableGossip | None = None,
     ) -> None:
         from hivenode.agent.identity import peer_id_of
 
@@ -91,6 +97,8 @@ class Node:
         self.metrics = metrics or Metrics()
         self.blob_resolver = blob_resolver
         self.trainer = trainer if Role.TRAINER in settings.roles else None
+        self.qtable = qtable
+        """The swarm's Q-table as this node holds it; None: the node takes no part."""
         self.peer_table = PeerTable(self.peer_id)
         self.state = NodeState()
         self.running_tasks = 0
@@ -153,8 +161,13 @@ class Node:
                 nursery.start_soon(drain_topic, swarm, ADVERTS_TOPIC, self._on_advert)
                 nursery.start_soon(self._expire_loop)
                 nursery.start_soon(self._ping_loop)
+                if self.qtable is not None:
+                    nursery.start_soon(drain_topic, swarm, QTABLE_TOPIC, self.qtable.on_gossip)
                 task_status.started(self)
                 await self._join()
+                if self.qtable is not None:
+                    nursery.start_soon(self.qtable.run, swarm)
+                    nursery.start_soon(self._qtable_pull_loop, self.qtable)
                 nursery.start_soon(self._advert_loop)
                 nursery.start_soon(self._bootstrap_loop)
                 nursery.start_soon(self._anti_entropy_loop)
@@ -163,6 +176,20 @@ class Node:
         log.info("node %s stopped", self.peer_id)
 
     # --- joining ---------------------------------------------------------------------------
+
+    async def _qtable_pull_loop(self, qtable: QTableGossip) -> None:
+        """Pull a connected peer's Q-table now (we just joined), then once a period: what
+        gossip lost comes back."""
+        while True:
+            peers = sorted(self.connected_peers())
+            if peers:
+                peer = random.choice(peers)
+                try:
+                    changed = await qtable.pull(self.swarm.host, peer)
+                    log.debug("pulled the Q-table of %s: %d cells changed", peer, changed)
+                except RpcError as exc:
+                    log.info("could not pull the Q-table of %s: %s", peer, exc)
+            await trio.sleep(QTABLE_PULL_PERIOD * random.uniform(0.8, 1.2))
 
     async def _join(self) -> None:
         """Dial the bootstrap peers, fetch their peer tables, then announce ourselves."""
@@ -419,6 +446,8 @@ class Node:
         if self.blob_resolver is not None:
             handler = blob_handler(self.blob_resolver, self.metrics.blob_bytes_served.inc)
             server.register(BLOB_PROTOCOL, handler, CONTROL_LIMITS)
+        if self.qtable is not None:
+            server.register(QTABLE_PROTOCOL, self.qtable.serve_snapshot, CONTROL_LIMITS)
         if self.trainer is not None:
             server.register(
                 FL_PROTOCOL, self.trainer.handle, DEFAULT_LIMITS, self.trainer.max_round_s

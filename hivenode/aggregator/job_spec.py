@@ -74,6 +74,9 @@ class JobSpec(_Strict):
     deadline_s: float = Field(600.0, gt=0, description="a round's deadline")
     straggler_policy: Literal["drop", "partial"] = "partial"
     seed: int = 0
+    target_accuracy: float = Field(
+        0.9, gt=0, le=1, description="what the planner's reward counts as reaching the goal"
+    )
     trainers: list[str] = Field(
         default_factory=list, description="peer ids; empty: every trainer with the dataset"
     )

@@ -84,6 +84,7 @@ class JobResult:
     model_path: Path
     wall_s: float
     resumed_from: int = 0
+    params: int = 0
 
     @property
     def final(self) -> RoundRecord | None:
@@ -191,6 +192,7 @@ async def run_job(
         model_path=model_path,
         wall_s=time.monotonic() - started,
         resumed_from=done,
+        params=sum(int(a.size) for a in arrays.values()),
     )
 
 

@@ -20,8 +20,9 @@ from pydantic import ValidationError
 from hivenode.agent.control import ApiError, ControlApi, Request
 from hivenode.agent.node import Node
 from hivenode.aggregator.checkpoint import CheckpointError, load_checkpoint
+from hivenode.aggregator.job_reward import job_lesson
 from hivenode.aggregator.job_spec import JobSpec
-from hivenode.aggregator.runner import JobError, RoundRecord, run_job
+from hivenode.aggregator.runner import JobError, JobResult, RoundRecord, run_job
 from hivenode.fsutil import atomic_write
 from hivenode.models.errors import ModelError
 from hivenode.models.training.backend import TrainingError
@@ -145,6 +146,7 @@ class JobService:
         assert self._node is not None
         job.state, job.error, job.finished_at = RUNNING, None, None
         job.resumed_from = len(job.history)
+        result: JobResult | None = None
         try:
             result = await run_job(
                 self._node, job.spec, self._root / name, on_round=job.history.append
@@ -164,6 +166,29 @@ class JobService:
             log.exception("job %s crashed", name)
         job.finished_at = time.time()
         await trio.to_thread.run_sync(self._save, job)
+        self._teach(job, result if job.state == FINISHED else None)
+
+    def _teach(self, job: JobState, result: JobResult | None) -> None:
+        """Record the job's reward in the swarm's Q-table (this node's cells)."""
+        node = self._node
+        if node is None or node.qtable is None:
+            return
+        last = job.history[-1] if job.history else None
+        wall_s = (job.finished_at or time.time()) - job.submitted_at
+        trainers = result.trainers if result else list(job.spec.trainers)
+        state, action, value = job_lesson(
+            node,
+            job.spec,
+            trainers or [node.peer_id],
+            result.params if result else 0,
+            last.eval_accuracy if last else None,
+            wall_s,
+            succeeded=result is not None,
+        )
+        node.qtable.record(state, action, value)
+        log.info(
+            "job %s taught the Q-table: %s at %s → reward %.3f", job.spec.name, action, state, value
+        )
 
     def _register(self, job: JobState) -> str:
         """The final model as the next version of the job's name in the registry."""

@@ -13,6 +13,7 @@ from hivenode.agent.blob_transfer import BlobResolver
 from hivenode.agent.hardware import HardwareProbe
 from hivenode.agent.identity import peer_id_of
 from hivenode.agent.node import Node
+from hivenode.agent.qtable_gossip import QTableGossip
 from hivenode.agent.settings import Settings
 from hivenode.agent.trainer import Trainer
 
@@ -48,6 +49,7 @@ async def local_swarm(tmp: Path) -> AsyncIterator[StartNode]:
             bootstrap: list[Node] | None = None,
             blob_resolver: BlobResolver | None = None,
             make_trainer: MakeTrainer | None = None,
+            qtable: bool = False,
             **overrides: Any,
         ) -> Node:
             addrs = [n.swarm.listen_addrs()[0] for n in bootstrap or []]
@@ -57,7 +59,18 @@ async def local_swarm(tmp: Path) -> AsyncIterator[StartNode]:
             if make_trainer is not None:
                 assert settings.state_dir is not None
                 trainer = make_trainer(settings.state_dir, peer_id_of(key_pair))
-            node = Node(settings, key_pair, probe, blob_resolver=blob_resolver, trainer=trainer)
+            gossip = None
+            if qtable:
+                assert settings.state_dir is not None
+                gossip = QTableGossip(settings.state_dir, peer_id_of(key_pair))
+            node = Node(
+                settings,
+                key_pair,
+                probe,
+                blob_resolver=blob_resolver,
+                trainer=trainer,
+                qtable=gossip,
+            )
             await nursery.start(node.run)
             nodes.append(node)
             return node
