@@ -85,6 +85,7 @@ class Trainer:
         if message.has_error():
             raise RpcError("bad_request", "an instruction cannot carry an error")
         job_context = self._context(job, caller, node_config, run_config)
+        job_context.context.run_id = message.metadata.run_id  # as Flower's runtime sets it
         started = time.monotonic()
         reply = await self._run(self.apps[app], message, job_context.context)
         compute_s = time.monotonic() - started

@@ -32,7 +32,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from hivenode.agent.flower_wire import node_id_of
 from hivenode.agent.node import Node
 from hivenode.aggregator.grid import GridError, JobAddress, RoundTraffic, SwarmGrid
-from hivenode.aggregator.runner import TRAINER_WAIT_S, JobError, _run_id
+from hivenode.aggregator.runner import TRAINER_WAIT_S, JobError, run_id_of
 from hivenode.fsutil import atomic_write
 from hivenode.models.flower_app import (
     ConfigValue,
@@ -220,7 +220,7 @@ async def _run_server_app(
             trainers,
             trio.lowlevel.current_trio_token(),
             nursery,
-            run_id=_run_id(job_name),
+            run_id=run_id_of(job_name),
             local=node.trainer.handle if node.trainer else None,
             seed=seed,
             min_available=min_available,
@@ -256,7 +256,7 @@ async def _wait_for_trainers(node: Node, trainers: Sequence[str], timeout: float
 
 def _server_context(node: Node, job_name: str, run_config: dict[str, ConfigValue]) -> Context:
     return Context(
-        run_id=_run_id(job_name),
+        run_id=run_id_of(job_name),
         node_id=node_id_of(node.peer_id),
         node_config={},
         state=RecordDict(),

@@ -217,33 +217,48 @@ class SwarmGrid(Grid):
     async def _send(self, message: Message, scope: trio.CancelScope, timeout: float | None) -> None:
         meta = message.metadata
         peer = self._peers.get(meta.dst_node_id)
-        key = (self.round, meta.message_type)
-        traffic = self.traffic.setdefault(key, RoundTraffic())
+        traffic = self.traffic.setdefault((self.round, meta.message_type), RoundTraffic())
         traffic.sent += 1
         if peer is not None:
             traffic.selected.append(self._partition[peer])
+        # whatever happens — even the job being cancelled — the waiter gets a reply for it
+        reply = Message(Error(ErrorCode.NODE_UNAVAILABLE, "the job stopped"), reply_to=message)
+        try:
+            reply = await self._reply_or_error(message, peer, scope, traffic, timeout)
+        finally:
+            self._replies[meta.message_id] = reply
+            del self._pending[meta.message_id]
+            self._done.set()
+
+    async def _reply_or_error(
+        self,
+        message: Message,
+        peer: str | None,
+        scope: trio.CancelScope,
+        traffic: RoundTraffic,
+        timeout: float | None,
+    ) -> Message:
         try:
             with scope:
                 if peer is None:
-                    raise RpcError("unknown_node", f"node {meta.dst_node_id} is not in this job")
+                    raise RpcError(
+                        "unknown_node", f"node {message.metadata.dst_node_id} is unknown"
+                    )
                 if peer in self._unreachable:
                     raise RpcError("unreachable", f"{peer} did not answer earlier in this job")
                 reply = await self._exchange(message, peer, traffic, timeout)
             if scope.cancelled_caught:
                 raise RpcError("timeout", "no reply before the round's deadline")
-            reply = self._apply_straggler_policy(message, reply, traffic)
+            return self._apply_straggler_policy(message, reply, traffic)
         except RpcError as exc:
             if exc.code == "unreachable" and peer is not None:
                 self._mark_unreachable(peer)
             traffic.failed += 1
-            traffic.errors[peer or str(meta.dst_node_id)] = f"{exc.code}: {exc.message}"
+            traffic.errors[peer or str(message.metadata.dst_node_id)] = f"{exc.code}: {exc.message}"
             log.info("job %s: %s: %s", self._address.job_id, peer, exc)
-            reply = Message(
+            return Message(
                 Error(ErrorCode.NODE_UNAVAILABLE, f"{exc.code}: {exc.message}"), reply_to=message
             )
-        self._replies[meta.message_id] = reply
-        del self._pending[meta.message_id]
-        self._done.set()
 
     async def _exchange(
         self, message: Message, peer: str, traffic: RoundTraffic, timeout: float | None
@@ -327,7 +342,8 @@ class SwarmGrid(Grid):
                 self._unreachable.discard(peer)
 
     def _shift_round(self, body: dict[str, Any]) -> None:
-        body["meta"]["group_id"] = str(self.round)
+        if not body["meta"]["group_id"]:  # Flower's strategies leave it empty
+            body["meta"]["group_id"] = str(self.round)
         if not self._round_offset:
             return
         for _name, kind, value in body.get("records", []):

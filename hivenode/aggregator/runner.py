@@ -223,7 +223,7 @@ async def _run_rounds(
             trainers,
             token,
             nursery,
-            run_id=_run_id(job.name),
+            run_id=run_id_of(job.name),
             round_offset=done,
             drop_stragglers=job.straggler_policy == "drop",
             local=node.trainer.handle if node.trainer else None,
@@ -272,11 +272,14 @@ async def _run_rounds(
             )
             return result.arrays
 
+        stopped: GridError | None = None
         try:
             final = await trio.to_thread.run_sync(start)
-        except GridError as exc:
-            raise JobError(f"job {job.name} stopped: {exc}") from exc
+        except GridError as exc:  # raised past the nursery, not from inside it (a group)
+            stopped, final = exc, ArrayRecord()
         nursery.cancel_scope.cancel()
+    if stopped is not None:
+        raise JobError(f"job {job.name} stopped: {stopped}") from stopped
     if not len(final):
         return arrays
     return {k: np.asarray(v) for k, v in arrayrecord_to_numpy(final).items()}
@@ -346,12 +349,12 @@ def _dataset_of(node: Node, peer: str, name: str) -> DatasetInfo | None:
 
 def _set_task_identity(node: Node, job: JobSpec) -> None:
     # Flower 1.4x's Message() reads the sender from this process-global identity
-    TaskIdentity.run_id = _run_id(job.name)
+    TaskIdentity.run_id = run_id_of(job.name)
     TaskIdentity.node_id = node_id_of(node.peer_id)
     TaskIdentity.task_id = 1
 
 
-def _run_id(name: str) -> int:
+def run_id_of(name: str) -> int:
     return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big") >> 1
 
 

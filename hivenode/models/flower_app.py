@@ -73,13 +73,13 @@ def read_flower_app(root: Path) -> FlowerApp:
     if not root.is_dir():
         raise FlowerAppError(f"{root} is not a directory")
     project = _read_pyproject(root)
-    meta = project.get("project", {})
+    meta = _table(project, "project")
     name, version = meta.get("name"), meta.get("version")
     if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise FlowerAppError(f"{root / PYPROJECT}: [project] needs a name like 'my-app'")
     if not isinstance(version, str) or not version:
         raise FlowerAppError(f"{root / PYPROJECT}: [project] needs a version")
-    app = project.get("tool", {}).get("flwr", {}).get("app", {})
+    app = _table(project, "tool", "flwr", "app")
     components = app.get("components")
     if not isinstance(components, dict):
         raise FlowerAppError(f"{root / PYPROJECT}: no [tool.flwr.app.components] section")
@@ -105,6 +105,14 @@ def _read_pyproject(root: Path) -> dict[str, Any]:
         ) from None
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise FlowerAppError(f"{path}: cannot read it: {exc}") from exc
+
+
+def _table(document: dict[str, Any], *keys: str) -> dict[str, Any]:
+    """The TOML table at `keys`, or an empty one where it is missing or not a table."""
+    table: Any = document
+    for key in keys:
+        table = table.get(key) if isinstance(table, dict) else None
+    return table if isinstance(table, dict) else {}
 
 
 def _component_ref(root: Path, components: dict[str, Any], name: str) -> str:

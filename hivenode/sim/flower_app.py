@@ -28,6 +28,7 @@ from hivenode.models.flower_app import (
     FlowerApp,
     FlowerAppError,
     content_hash,
+    load_client_app,
     parse_run_config,
     read_flower_app,
 )
@@ -58,14 +59,14 @@ async def run_flower_app_sim(
     app = await trio.to_thread.run_sync(read_flower_app, app_dir)
     config = parse_run_config(run_config, app.config_defaults)
     digest = await trio.to_thread.run_sync(content_hash, app.root)
-    client_app = await trio.to_thread.run_sync(_client_app, app, digest)
+    trainer_apps = await trio.to_thread.run_sync(_trainer_apps, app, digest)
     with tempfile.TemporaryDirectory(prefix="hivenode-flower-", dir=work_dir) as tmp:
         base = Path(tmp)
         job = re.sub(r"[^A-Za-z0-9._-]", "-", f"sim-{app.name}-{seed}")[:64]
         result: FlowerAppResult | None = None
         failure: Exception | None = None
         async with trio.open_nursery() as nursery:
-            swarm = await _start_swarm(nursery, base, nodes, client_app)
+            swarm = await _start_swarm(nursery, base, nodes, trainer_apps)
             try:
                 result = await run_flower_app(
                     swarm[0],
@@ -88,11 +89,10 @@ async def run_flower_app_sim(
     return {"name": app.name, "version": app.version, "nodes": nodes, **result.as_json()}
 
 
-def _client_app(app: FlowerApp, digest: str) -> dict[str, ClientAppLike]:
+def _trainer_apps(app: FlowerApp, digest: str) -> dict[str, ClientAppLike]:
     """The trainers' apps, loaded as a daemon loads its operator's allow-list."""
+    load_client_app(app, digest)  # raises why it cannot load; the daemon's path only logs it
     apps = allowed_client_apps([(app.root, digest)])
-    if not apps:
-        raise FlowerAppError(f"the ClientApp of {app.root} did not load (see the log)")
     # in-process trainers run one per core: torch's own intra-op threads would fight them
     torch = sys.modules.get("torch")
     if torch is not None:

@@ -1,0 +1,1 @@
+"""quickstart-sklearn: a Flower / scikit-learn app."""
