@@ -6,6 +6,7 @@ at import time.
 
 from __future__ import annotations
 
+import re
 import time
 import tomllib
 from pathlib import Path
@@ -36,19 +37,25 @@ DONE = ("finished", "failed")
 
 @jobs_app.command("submit")
 def submit(
-    job_file: Path,
+    job_file: Annotated[Path | None, typer.Argument(help="the job, as TOML")] = None,
+    flower_app: Annotated[
+        Path | None,
+        typer.Option("--flower-app", help="run this Flower app directory unchanged instead"),
+    ] = None,
+    run_config: Annotated[
+        str, typer.Option("--run-config", help="the app's run-config overrides: 'k=v k2=v2'")
+    ] = "",
+    name: Annotated[str | None, typer.Option("--name", help="job name (a Flower app's)")] = None,
     watch: Annotated[bool, typer.Option("--watch", help="Follow it until it ends.")] = False,
     config: ConfigOpt = None,
     runtime_dir: RuntimeDirOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Start the job in JOB_FILE (TOML: name, dataset, rounds, [model], [strategy], [train])."""
-    try:
-        spec = tomllib.loads(job_file.read_text())
-    except OSError as exc:
-        fail(f"cannot read {job_file}: {exc.strerror or exc}", EXIT_USAGE)
-    except tomllib.TOMLDecodeError as exc:
-        fail(f"{job_file} is not valid TOML: {exc}", EXIT_USAGE)
+    """Start the job in JOB_FILE (TOML: name, dataset, rounds, [model], [strategy], [train]),
+    or the Flower app in --flower-app DIR on the trainers that allowed it."""
+    if (job_file is None) == (flower_app is None):
+        fail("give either a job file or --flower-app DIR", EXIT_USAGE)
+    spec = _job_file(job_file) if job_file else _flower_job(flower_app, run_config, name)
     summary = ask_daemon(config, runtime_dir, "/v1/jobs", "POST", spec)
     if watch:
         _watch(config, runtime_dir, summary["name"], as_json)
@@ -56,6 +63,34 @@ def submit(
         emit_json(summary)
     else:
         typer.echo(f"job {summary['name']} started: `hivenode jobs watch {summary['name']}`")
+
+
+def _job_file(path: Path) -> Any:
+    try:
+        return tomllib.loads(path.read_text())
+    except OSError as exc:
+        fail(f"cannot read {path}: {exc.strerror or exc}", EXIT_USAGE)
+    except tomllib.TOMLDecodeError as exc:
+        fail(f"{path} is not valid TOML: {exc}", EXIT_USAGE)
+
+
+def _flower_job(app_dir: Path | None, run_config: str, name: str | None) -> dict[str, Any]:
+    """The job body of a Flower app: its directory (the daemon reads it) and its rounds."""
+    from hivenode.models.flower_app import FlowerAppError, parse_run_config, read_flower_app
+
+    assert app_dir is not None
+    try:
+        app = read_flower_app(app_dir)
+        values = parse_run_config(run_config, app.config_defaults)
+    except FlowerAppError as exc:
+        fail(str(exc), EXIT_USAGE)
+    rounds = values.get("num-server-rounds", 1)
+    return {
+        "name": name or re.sub(r"[^A-Za-z0-9._-]", "-", app.name)[:64],
+        "flower_app": str(app.root.resolve()),
+        "run_config": run_config,
+        "rounds": rounds if isinstance(rounds, int) and rounds > 0 else 1,
+    }
 
 
 @jobs_app.command("list")

@@ -84,9 +84,12 @@ async def run_daemon(settings: Settings, services: Sequence[DaemonService] = ())
 
     trainer = None
     if Role.TRAINER in settings.roles:
+        from hivenode.agent.flower_apps import allowed_client_apps
         from hivenode.agent.trainer import builtin_trainer
 
-        trainer = builtin_trainer(state_dir, peer_id_of(key_pair))
+        allowed = [(app.path, app.sha256) for app in settings.flower_apps]
+        flower_apps = await trio.to_thread.run_sync(allowed_client_apps, allowed)
+        trainer = builtin_trainer(state_dir, peer_id_of(key_pair), flower_apps=flower_apps)
     node = Node(
         settings,
         key_pair,

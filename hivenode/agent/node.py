@@ -27,6 +27,7 @@ from hivenode.protocol.advert import Advert, Hardware, Role
 from hivenode.protocol.errors import ProtocolError
 from hivenode.protocol.ids import (
     ADVERTS_TOPIC,
+    BUILTIN_APP,
     FL_PROTOCOL,
     PEER_TABLE_PROTOCOL,
     QTABLE_PROTOCOL,
@@ -300,6 +301,9 @@ class Node:
             hardware=hardware,
             load=probe_load(self.running_tasks),
             datasets=self.trainer.datasets() if self.trainer else (),
+            apps=tuple(sorted(k for k in self.trainer.apps if k != BUILTIN_APP))
+            if self.trainer
+            else (),
         )
 
     async def _advert_loop(self) -> None:

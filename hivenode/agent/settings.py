@@ -39,6 +39,16 @@ class GossipSettings(BaseModel):
     )
 
 
+class FlowerAppAllowance(BaseModel):
+    """A Flower app this node may run as a trainer: a local directory, pinned by the sha256
+    of its files (`hivenode flower-app hash DIR` prints it)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: Path
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
 class Settings(BaseSettings):
     """Everything a node can be told. Field names are the TOML keys."""
 
@@ -71,6 +81,9 @@ class Settings(BaseSettings):
     metrics_port: int = Field(9464, ge=0, le=65535)
     log_level: str = "INFO"
     gossip: GossipSettings = Field(default_factory=GossipSettings)
+    flower_apps: list[FlowerAppAllowance] = Field(
+        default_factory=list, description="Flower apps whose ClientApp this node may run"
+    )
 
     @field_validator("psk")
     @classmethod

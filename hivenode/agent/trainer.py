@@ -37,13 +37,13 @@ from hivenode.agent.rpc import Reply
 from hivenode.fsutil import atomic_write
 from hivenode.protocol.advert import DatasetInfo
 from hivenode.protocol.errors import ProtocolError
+from hivenode.protocol.ids import BUILTIN_APP
 from hivenode.protocol.limits import DEFAULT_LIMITS
 from hivenode.protocol.message import Message as WireMessage
 from hivenode.protocol.message import decode_message, encode_message
 
 log = logging.getLogger(__name__)
 
-BUILTIN_APP = "builtin"
 MAX_ROUND_S = 24 * 3600.0
 """The longest a trainer works on one message; the aggregator's deadline is usually far less."""
 _JOB_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
@@ -188,9 +188,13 @@ def _load_state(path: Path) -> RecordDict:
 
 
 def builtin_trainer(
-    state_dir: Path, peer_id: str, limiter: trio.CapacityLimiter | None = None
+    state_dir: Path,
+    peer_id: str,
+    limiter: trio.CapacityLimiter | None = None,
+    flower_apps: Mapping[str, ClientAppLike] | None = None,
 ) -> Trainer:
-    """A trainer running the built-in ClientApp on the datasets registered in `state_dir`."""
+    """A trainer running the built-in ClientApp on the datasets registered in `state_dir`,
+    and the operator's allowed Flower apps (`agent.flower_apps.allowed_client_apps`)."""
     from hivenode.models.datasets import DatasetCatalog
     from hivenode.models.training.clientapp import build_client_app
 
@@ -199,7 +203,7 @@ def builtin_trainer(
     return Trainer(
         state_dir,
         peer_id,
-        {BUILTIN_APP: app},
+        {BUILTIN_APP: app, **(flower_apps or {})},
         limiter=limiter or trio.CapacityLimiter(1),
         datasets=catalog.advert_datasets,
     )

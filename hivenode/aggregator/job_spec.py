@@ -66,8 +66,12 @@ class TrainSection(_Strict):
 
 class JobSpec(_Strict):
     name: str = Field(pattern=JOB_NAME_PATTERN)
-    dataset: str = Field(description="the dataset name trainers registered (hivenode data add)")
+    dataset: str = Field("", description="the dataset name trainers registered (hivenode data add)")
     rounds: int = Field(ge=1)
+    flower_app: str | None = Field(
+        None, description="a Flower app directory: run it unchanged instead of the built-in app"
+    )
+    run_config: str = Field("", description="a Flower app's run-config overrides, k=v ...")
     clients_per_round: int = Field(10, ge=1)
     min_clients: int = Field(1, ge=1, description="trainers that must be reachable to start")
     evaluate_fraction: float = Field(1.0, ge=0, le=1)
@@ -88,6 +92,8 @@ class JobSpec(_Strict):
     def _consistent(self) -> JobSpec:
         if self.min_clients > self.clients_per_round:
             raise ValueError("min_clients cannot exceed clients_per_round")
+        if self.flower_app is None and not self.dataset:
+            raise ValueError("dataset: a job of the built-in app names the data it trains on")
         return self
 
     def train_config(self) -> ConfigValues:

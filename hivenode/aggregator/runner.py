@@ -25,7 +25,6 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from hivenode.agent.flower_wire import node_id_of
 from hivenode.agent.node import Node
-from hivenode.agent.trainer import BUILTIN_APP
 from hivenode.aggregator.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from hivenode.aggregator.grid import GridError, JobAddress, RoundTraffic, SwarmGrid
 from hivenode.aggregator.job_spec import JobSpec
@@ -34,6 +33,7 @@ from hivenode.fsutil import atomic_write
 from hivenode.models.flower_arrays import arrayrecord_to_numpy, numpy_to_array
 from hivenode.models.training.backend import backend_for
 from hivenode.protocol.advert import DatasetInfo, Role
+from hivenode.protocol.ids import BUILTIN_APP
 from hivenode.strategies.scaffold import Scaffold
 
 log = logging.getLogger(__name__)

@@ -20,6 +20,7 @@ from pydantic import ValidationError
 from hivenode.agent.control import ApiError, ControlApi, Request
 from hivenode.agent.node import Node
 from hivenode.aggregator.checkpoint import CheckpointError, load_checkpoint
+from hivenode.aggregator.flower_jobs import run_flower_job
 from hivenode.aggregator.job_reward import job_lesson
 from hivenode.aggregator.job_spec import JobSpec
 from hivenode.aggregator.runner import JobError, JobResult, RoundRecord, run_job
@@ -148,17 +149,21 @@ class JobService:
         job.resumed_from = len(job.history)
         result: JobResult | None = None
         try:
-            result = await run_job(
-                self._node, job.spec, self._root / name, on_round=job.history.append
-            )
+            if job.spec.flower_app is not None:
+                result = await run_flower_job(self._node, job.spec, self._root / name)
+            else:
+                result = await run_job(
+                    self._node, job.spec, self._root / name, on_round=job.history.append
+                )
             job.history, job.model_path = result.history, str(result.model_path)
             try:
-                job.registered = await trio.to_thread.run_sync(self._register, job)
+                if job.spec.flower_app is None:  # an app saves its own model, if any
+                    job.registered = await trio.to_thread.run_sync(self._register, job)
             except ModelError as exc:  # the model file stays; the job did its work
                 log.error("job %s: could not register its model: %s", name, exc)
             job.state = FINISHED
             log.info("job %s finished after %d rounds", name, len(result.history))
-        except (JobError, TrainingError, CheckpointError) as exc:
+        except (JobError, TrainingError, CheckpointError, ModelError) as exc:
             job.state, job.error = FAILED, str(exc)
             log.error("job %s failed: %s", name, exc)
         except Exception as exc:  # one job's bug must not take the daemon down

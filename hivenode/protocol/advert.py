@@ -75,6 +75,8 @@ class Advert(Record):
     datasets: tuple[DatasetInfo, ...] = ()
     models: tuple[str, ...] = ()
     """Names of the models this node serves for inference."""
+    apps: tuple[str, ...] = ()
+    """Keys of the Flower apps this node trains with (`flower:<name>@<sha256>`)."""
 
     def same_content(self, other: Advert) -> bool:
         """True when only gauges changed (load, free memory, free disk): such changes wait

@@ -106,3 +106,25 @@ def test_bad_job_files_are_one_line_usage_errors(three: list[Daemon], tmp_path: 
     missing = hub.cli("jobs", "show", "nope")
     assert missing.returncode == 1 and "no job named 'nope'" in missing.stderr
     assert run_cli("jobs", "list", "--runtime-dir", str(tmp_path), env=hub.env).returncode == 1
+
+
+def test_an_unmodified_flower_app_runs_on_the_daemons_that_allowed_it(
+    daemons: Daemons,
+) -> None:
+    from hivenode.models.flower_app import content_hash
+
+    app_dir = Path(__file__).parent / "flower_apps" / "quickstart_sklearn"
+    allowed = json.dumps([{"path": str(app_dir), "sha256": content_hash(app_dir)}])
+    env = {**FAST, "HIVENODE_FLOWER_APPS": allowed}
+    hub = daemons.start("hub", env=env)
+    daemons.start("t1", bootstrap=hub, env=env)
+    daemons.start("t2", bootstrap=hub, env=FAST)  # did not allow it: not a trainer of it
+    result = hub.cli(
+        "jobs", "submit", "--flower-app", str(app_dir), "--watch", "--json", timeout=180
+    )
+    assert result.returncode == 0, result.stderr
+    job = json.loads(result.stdout)
+    assert job["state"] == "finished", job["error"]
+    assert [r["round"] for r in job["history"]] == [1, 2, 3]
+    assert all(r["participants"] == 2 for r in job["history"])
+    assert job["history"][-1]["eval_accuracy"] > job["history"][0]["eval_accuracy"]

@@ -12,10 +12,11 @@ from flwr.app import Context, Message
 from swarm_helpers import local_swarm, wait_until
 
 from hivenode.agent.node import Node
-from hivenode.agent.trainer import BUILTIN_APP, Trainer, builtin_trainer
+from hivenode.agent.trainer import Trainer, builtin_trainer
 from hivenode.models.datasets import DatasetCatalog
 from hivenode.models.training.backend import LocalData
 from hivenode.protocol.advert import Role
+from hivenode.protocol.ids import BUILTIN_APP
 from hivenode.sim.fl_datasets import save_partition
 
 DATASET = "local"
