@@ -28,6 +28,7 @@ from hivenode.cli_data import data_app
 from hivenode.cli_fl import sim_fl
 from hivenode.cli_flower import flower_app_app, sim_flower_app
 from hivenode.cli_jobs import jobs_app
+from hivenode.cli_learn import sim_learn, tune_command
 from hivenode.cli_models import models_app  # typer and the stdlib only at import time
 from hivenode.cli_planner import plan_command, qtable_app
 
@@ -47,6 +48,8 @@ app.add_typer(qtable_app, name="qtable")
 app.command("plan")(plan_command)
 sim_app.command("fl")(sim_fl)
 sim_app.command("flower-app")(sim_flower_app)
+sim_app.command("learn")(sim_learn)
+app.command("tune")(tune_command)
 app.add_typer(flower_app_app, name="flower-app")
 
 

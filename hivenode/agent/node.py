@@ -454,7 +454,11 @@ class Node:
             server.register(QTABLE_PROTOCOL, self.qtable.serve_snapshot, CONTROL_LIMITS)
         if self.trainer is not None:
             server.register(
-                FL_PROTOCOL, self.trainer.handle, DEFAULT_LIMITS, self.trainer.max_round_s
+                FL_PROTOCOL,
+                self.trainer.handle,
+                DEFAULT_LIMITS,
+                self.trainer.max_round_s,
+                session=True,
             )
 
     async def _serve_status(self, request: Message, caller: str) -> Mapping[str, Any]:

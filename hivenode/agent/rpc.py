@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,12 +21,14 @@ from hivenode.agent.errors import RpcError
 from hivenode.protocol.errors import ProtocolError
 from hivenode.protocol.limits import DEFAULT_LIMITS, Limits
 from hivenode.protocol.message import Message
-from hivenode.protocol.streams import read_message, write_message
+from hivenode.protocol.streams import read_message, read_message_or_end, write_message
 
 log = logging.getLogger(__name__)
 
 OK = "ok"
 ERROR = "error"
+SESSION_IDLE_S = 600.0
+"""A session stream with no request for this long is closed by the server."""
 
 
 @dataclass(frozen=True)
@@ -94,44 +97,96 @@ class RpcServer:
         handler: Handler,
         limits: Limits = DEFAULT_LIMITS,
         timeout: float | None = None,
+        session: bool = False,
     ) -> None:
         """Serve `protocol_id`; `timeout` overrides the server's for handlers that work
-        long (a training round), and bounds reading, handling and replying together."""
+        long (a training round), and bounds reading, handling and replying together.
+
+        `session`: a stream may carry one request after another (each answered before the
+        next is read, each with its own `timeout`) until the caller ends it or stays idle
+        for SESSION_IDLE_S; opening a py-libp2p stream costs milliseconds, a message does not.
+        """
         from libp2p.custom_types import TProtocol
 
         limit = self._request_timeout if timeout is None else timeout
 
         async def on_stream(stream: Any) -> None:
-            await self._serve_one(protocol_id, handler, limits, limit, stream)
+            await self._serve(protocol_id, handler, limits, limit, session, stream)
 
         self._host.set_stream_handler(TProtocol(protocol_id), on_stream)
 
-    async def _serve_one(
-        self, protocol_id: str, handler: Handler, limits: Limits, timeout: float, stream: Any
+    async def _serve(
+        self,
+        protocol_id: str,
+        handler: Handler,
+        limits: Limits,
+        timeout: float,
+        session: bool,
+        stream: Any,
     ) -> None:
         caller = str(stream.muxed_conn.peer_id)
         adapter = StreamAdapter(stream)
-        request: Message | None = None
         try:
-            with trio.fail_after(timeout):
-                try:
-                    request = await read_message(adapter, limits)
-                    reply = await self._dispatch(handler, request, caller)
-                except ProtocolError as exc:
-                    reply = self._reject(protocol_id, caller, request, "bad_request", exc.reason)
-                except RpcError as exc:
-                    reply = self._reject(protocol_id, caller, request, exc.code, exc.message)
-                except Exception as exc:
-                    log.exception("handler for %s failed on a request from %s", protocol_id, caller)
-                    reply = self._reject(protocol_id, caller, request, "internal", repr(exc))
-                await write_message(adapter, reply)
-        except trio.TooSlowError:
-            self._reject(protocol_id, caller, request, "timeout", "request not completed in time")
+            first = True
+            while await self._serve_next(
+                protocol_id, handler, limits, timeout, first, adapter, caller
+            ):
+                if not session:
+                    break
+                first = False
         except Exception as exc:  # the caller went away mid-reply: nothing left to answer
             log.debug("stream %s from %s broke: %r", protocol_id, caller, exc)
         finally:
             with trio.move_on_after(1):
                 await close_quietly(stream)
+
+    async def _serve_next(
+        self,
+        protocol_id: str,
+        handler: Handler,
+        limits: Limits,
+        timeout: float,
+        first: bool,
+        adapter: StreamAdapter,
+        caller: str,
+    ) -> bool:
+        """Answer the next request on the stream; False once the stream should close.
+
+        The first request must arrive within `timeout`; later ones (a session) may come
+        after up to SESSION_IDLE_S of quiet, which ends the session without complaint."""
+        request: Message | None = None
+        deadline = trio.current_time() + timeout
+        try:
+            with trio.fail_after(timeout if first else SESSION_IDLE_S):
+                request = await read_message_or_end(adapter, limits)
+            if request is None:
+                if first:  # a stream that ends before its one request is a bad request
+                    raise ProtocolError("stream ended after 0 of 4 bytes")
+                return False
+            deadline = trio.current_time() + timeout
+            with trio.fail_at(deadline):
+                try:
+                    reply = await self._dispatch(handler, request, caller)
+                except RpcError as exc:
+                    reply = self._reject(protocol_id, caller, request, exc.code, exc.message)
+                except ProtocolError as exc:
+                    reply = self._reject(protocol_id, caller, request, "bad_request", exc.reason)
+                except Exception as exc:
+                    log.exception("handler for %s failed on a request from %s", protocol_id, caller)
+                    reply = self._reject(protocol_id, caller, request, "internal", repr(exc))
+                await write_message(adapter, reply)
+            return True
+        except ProtocolError as exc:  # garbage on the stream: answer once, then drop it
+            reply = self._reject(protocol_id, caller, request, "bad_request", exc.reason)
+            with trio.move_on_at(deadline):
+                await write_message(adapter, reply)
+            return False
+        except trio.TooSlowError:
+            if request is not None:
+                self._reject(
+                    protocol_id, caller, request, "timeout", "request not completed in time"
+                )
+            return False
 
     async def _dispatch(self, handler: Handler, request: Message, caller: str) -> Message:
         result = await handler(request, caller)
@@ -164,25 +219,103 @@ async def request(
     limits: Limits = DEFAULT_LIMITS,
     tensors: tuple[np.ndarray, ...] = (),
 ) -> Message:
-    """Send one request to `peer_id` and return its `ok` reply; raise RpcError otherwise."""
+    """Send one request to `peer_id` on a stream of its own and return its `ok` reply; raise
+    RpcError otherwise."""
+    message = _request_message(host, method, body, tensors)
+    stream = None
+    try:
+        with _as_rpc_errors(peer_id, protocol_id, timeout), trio.fail_after(timeout):
+            stream = await open_stream(host, peer_id, protocol_id)
+            reply = await _exchange(stream, message, limits)
+    finally:
+        if stream is not None:
+            with trio.move_on_after(1):
+                await close_quietly(stream)
+    return _checked(reply, message, peer_id)
+
+
+class StreamPool:
+    """Requests to peers on one long-lived stream each, for a protocol served in session
+    mode (`RpcServer.register(..., session=True)`): no stream to open per request.
+
+    Requests to one peer go one at a time; a stream that failed, timed out or was
+    cancelled mid-request is closed (a late reply must not answer the next request), and
+    the next request opens a new one.
+    """
+
+    def __init__(self, host: Any, protocol_id: str, limits: Limits = DEFAULT_LIMITS) -> None:
+        self._host = host
+        self._protocol_id = protocol_id
+        self._limits = limits
+        self._streams: dict[str, Any] = {}
+        self._locks: dict[str, trio.Lock] = {}
+
+    async def request(
+        self,
+        peer_id: str,
+        method: str,
+        body: Mapping[str, Any] | None = None,
+        *,
+        timeout: float,
+        tensors: tuple[np.ndarray, ...] = (),
+    ) -> Message:
+        message = _request_message(self._host, method, body, tensors)
+        async with self._locks.setdefault(peer_id, trio.Lock()):
+            done = False
+            try:
+                with _as_rpc_errors(peer_id, self._protocol_id, timeout), trio.fail_after(timeout):
+                    stream = self._streams.get(peer_id)
+                    if stream is None:
+                        stream = await open_stream(self._host, peer_id, self._protocol_id)
+                        self._streams[peer_id] = stream
+                    reply = await _exchange(stream, message, self._limits)
+                done = True
+            finally:
+                if not done:
+                    await self._drop(peer_id)
+        return _checked(reply, message, peer_id)
+
+    async def aclose(self) -> None:
+        for peer_id in list(self._streams):
+            await self._drop(peer_id)
+
+    async def _drop(self, peer_id: str) -> None:
+        stream = self._streams.pop(peer_id, None)
+        if stream is not None:
+            with trio.CancelScope(shield=True), trio.move_on_after(1):
+                await close_quietly(stream)
+
+
+async def open_stream(host: Any, peer_id: str, protocol_id: str) -> Any:
     from libp2p.custom_types import TProtocol
     from libp2p.peer.id import ID
 
-    sender = str(host.get_id())
-    message = Message(
+    return await host.new_stream(ID.from_base58(peer_id), [TProtocol(protocol_id)])
+
+
+def _request_message(
+    host: Any, method: str, body: Mapping[str, Any] | None, tensors: tuple[np.ndarray, ...]
+) -> Message:
+    return Message(
         type=method,
         request_id=next(_request_ids),
-        sender=sender,
+        sender=str(host.get_id()),
         body=body or {},
         tensors=tensors,
     )
-    stream = None
+
+
+async def _exchange(stream: Any, message: Message, limits: Limits) -> Message:
+    adapter = StreamAdapter(stream)
+    await write_message(adapter, message)
+    return await read_message(adapter, limits)
+
+
+@contextmanager
+def _as_rpc_errors(peer_id: str, protocol_id: str, timeout: float) -> Iterator[None]:
+    """Every way a request can fail, as one RpcError with a code."""
     try:
-        with trio.fail_after(timeout):
-            stream = await host.new_stream(ID.from_base58(peer_id), [TProtocol(protocol_id)])
-            adapter = StreamAdapter(stream)
-            await write_message(adapter, message)
-            reply = await read_message(adapter, limits)
+        yield
     except trio.TooSlowError as exc:
         raise RpcError(
             "timeout", f"{peer_id} did not answer {protocol_id} in {timeout:g} s"
@@ -193,10 +326,9 @@ async def request(
         raise
     except Exception as exc:  # libp2p raises a zoo of dial/stream errors
         raise RpcError("unreachable", f"{peer_id}: {type(exc).__name__}: {exc}") from exc
-    finally:
-        if stream is not None:
-            with trio.move_on_after(1):
-                await close_quietly(stream)
+
+
+def _checked(reply: Message, message: Message, peer_id: str) -> Message:
     if reply.request_id != message.request_id:
         raise RpcError("bad_reply", f"{peer_id} answered request {reply.request_id}, not ours")
     if reply.type == ERROR:

@@ -231,6 +231,8 @@ async def _run_server_app(
             await trio.to_thread.run_sync(_serve, server_app, grid, context)
         except Exception as exc:  # the app's failure, whatever it is, fails the job
             failure = exc  # raised in here, it would leave wrapped in an ExceptionGroup
+        finally:
+            await grid.aclose()
         nursery.cancel_scope.cancel()
     if isinstance(failure, GridError):
         raise JobError(f"job {job_name} stopped: {failure}") from failure

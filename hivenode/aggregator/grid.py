@@ -30,7 +30,7 @@ from flwr.supercore.run import Run
 from hivenode.agent.errors import RpcError
 from hivenode.agent.flower_wire import decode_flower, encode_flower, node_id_of
 from hivenode.agent.node import Node
-from hivenode.agent.rpc import request
+from hivenode.agent.rpc import StreamPool
 from hivenode.protocol.errors import ProtocolError
 from hivenode.protocol.ids import FL_PROTOCOL
 from hivenode.protocol.message import Message as WireMessage
@@ -113,6 +113,8 @@ class SwarmGrid(Grid):
         self._unreachable: set[str] = set()
         """Trainers a send could not reach: skipped until they advertise again."""
         self._seen_advert: dict[str, int] = {}
+        self._streams = StreamPool(node.swarm.host, FL_PROTOCOL)
+        """One stream per trainer for the whole job: opening one costs more than a round."""
         self._replies: dict[str, Message] = {}
         self._pending: dict[str, trio.CancelScope] = {}
         self._done = trio.Event()
@@ -184,6 +186,10 @@ class SwarmGrid(Grid):
         ids = self._from_thread(self._push, list(messages), timeout)
         self._from_thread(self._wait, ids, timeout)
         return self.pull_messages(ids)
+
+    async def aclose(self) -> None:
+        """Close the streams to the trainers (the job is over)."""
+        await self._streams.aclose()
 
     # --- on the trio loop ------------------------------------------------------------------
 
@@ -283,14 +289,8 @@ class SwarmGrid(Grid):
             result = await self._local(wire, peer)
             reply_body, reply_tensors = result.body, result.tensors
         else:
-            answer = await request(
-                self._node.swarm.host,
-                peer,
-                FL_PROTOCOL,
-                "fl",
-                request_body,
-                timeout=limit,
-                tensors=wire_tensors,
+            answer = await self._streams.request(
+                peer, "fl", request_body, timeout=limit, tensors=wire_tensors
             )
             reply_body, reply_tensors = answer.body, answer.tensors
         traffic.bytes_in += sum(t.nbytes for t in reply_tensors)

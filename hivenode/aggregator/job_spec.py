@@ -84,6 +84,12 @@ class JobSpec(_Strict):
     trainers: list[str] = Field(
         default_factory=list, description="peer ids; empty: every trainer with the dataset"
     )
+    plan: dict[str, Any] = Field(
+        default_factory=dict, description="read by `hivenode plan`; the job runner ignores it"
+    )
+    tune: dict[str, Any] = Field(
+        default_factory=dict, description="read by `hivenode tune`; the job runner ignores it"
+    )
     model: ModelSection = Field(default_factory=ModelSection)
     strategy: StrategySection = Field(default_factory=StrategySection)
     train: TrainSection = Field(default_factory=TrainSection)

@@ -277,6 +277,8 @@ async def _run_rounds(
             final = await trio.to_thread.run_sync(start)
         except GridError as exc:  # raised past the nursery, not from inside it (a group)
             stopped, final = exc, ArrayRecord()
+        finally:
+            await grid.aclose()
         nursery.cancel_scope.cancel()
     if stopped is not None:
         raise JobError(f"job {job.name} stopped: {stopped}") from stopped

@@ -64,7 +64,23 @@ async def read_message(stream: ByteStream, limits: Limits = DEFAULT_LIMITS) -> M
 
     Each length the peer declares is checked against `limits` before it is read or allocated.
     """
-    length = header_length(await read_exactly(stream, HEADER_PREFIX_BYTES), limits)
+    message = await read_message_or_end(stream, limits)
+    if message is None:
+        raise ProtocolError("stream ended after 0 of 4 bytes")
+    return message
+
+
+async def read_message_or_end(
+    stream: ByteStream, limits: Limits = DEFAULT_LIMITS
+) -> Message | None:
+    """The next message, or None when the stream ends cleanly before it (a session's end)."""
+    first = await stream.read(HEADER_PREFIX_BYTES)
+    if not first:
+        return None
+    if len(first) > HEADER_PREFIX_BYTES:
+        raise ProtocolError(f"stream returned {len(first)} bytes when asked for 4")
+    prefix = first + await read_exactly(stream, HEADER_PREFIX_BYTES - len(first))
+    length = header_length(prefix, limits)
     header = parse_header(await read_exactly(stream, length), limits)
     payload = bytearray(header.tensor_bytes)
     await read_into(stream, payload)

@@ -2,8 +2,9 @@
 gossip it through the CRDT's wire path, and are scored against an exhaustive oracle.
 
 Cost model (wall seconds T and nodes held n for one job; node-hours H = n·T/3600). A job has
-P parameters, N samples, E epochs and batch B per node; F = 6·P training FLOPs per sample
-(forward 2P, backward 4P), W = 4·P bytes of float32 weights. A node runs at its GPU's FLOP/s
+P parameters, N samples, E epochs and batch B per node; a sample is TOKENS_PER_SAMPLE (64)
+tokens, so F = 6·P·64 training FLOPs per sample (forward 2P, backward 4P per token), and
+W = 4·P bytes of float32 weights. A node runs at its GPU's FLOP/s
 when the memory it needs fits the GPU (less CUDA_CONTEXT_BYTES), else at its CPU's when it fits
 RAM, else not at all. ρ is the nearest-rank p90 of the RTTs of the nodes involved (as the
 planner's latency bin: a synchronous step waits for the slowest link).
@@ -35,19 +36,42 @@ bench_transfer); aggregation at 5 GB/s (bench_aggregate); a CPU core at CORE_FLO
 GFLOP/s (numpy's float32 matmul reached 94 GFLOP/s on one core of the benchmark machine;
 training is part matmul, part memory-bound); a GPU at 20 cores, the planner's own guess
 (state.SAMPLES_PER_S_PER_GPU / SAMPLES_PER_S_PER_CORE). RTTs: per job one network regime
-per latency bin, LAN 1–20 ms, regional 20–100 ms, WAN 100–300 ms; the docs measure none
-(loopback is sub-millisecond), so the last two are assumptions. FED_EPOCH_FACTOR is an
-assumption too (FedAvg needs more passes than centralised SGD for the same accuracy).
+per latency bin, LAN 1–20 ms, regional 20–100 ms, WAN 100–300 ms; docs/performance.md
+records no RTTs, so these are assumptions, as is FED_EPOCH_FACTOR (FedAvg needs more passes
+than centralised SGD for the same accuracy). Bandwidth is the same on every link: the state
+does not see it, and loopback's figure flatters a WAN.
+
+Jobs: each state variable from a uniformly drawn bin (log-uniform within it), epochs from
+EPOCHS, private with probability `private_share` (its data then spread evenly over every
+candidate, the federated premise), candidates from CATALOGUE with ±30 % speed. A job that
+no allowed action can run is drawn again (`redrawn_jobs`).
+
+Learning and gossip: job i is planned by node i mod M with `QTable.choose` over the
+planner's own `masked_actions` (no breakdown: `partition_layers` costs up to a second);
+the node updates its table and publishes `deltas` since its last; each copy to each peer
+travels as `to_wire` bytes and is lost (LOSS), delayed by up to MAX_DELAY_JOBS jobs (DELAY)
+or also delivered again later (DUPLICATE), then `from_wire` and `SwarmTable.apply` with the
+origin as signer. Every ANTI_ENTROPY_EVERY jobs each node resends all its cells (what repairs
+losses); at the end everything in flight lands and a lossless full resend is the quiet round
+after which `max_table_divergence` is measured.
 
 Reward: `planner.rewards.reward` with the target reached on success and T_ref the job's
-budget: the compute alone on the median candidate (so "one typical node" earns about 0).
+budget, DEADLINE_SLACK (2) × the compute alone on the median candidate: the slack the planner
+gives a federated round's deadline. (With 1× instead, one typical node earns exactly 0, and
+the table's unvisited cells, also 0, then outrank every slightly negative visited one.)
 
 Oracle: per job, the allowed action of best reward by evaluating every action (regret =
 its reward − the chosen one's). The table sees only the binned state and the mask, so per
 *decision context* (state, allowed actions) the oracle's action is the one with the best
 **mean reward over the jobs drawn in that context** (failures at −1): the best any policy
 that sees what the planner sees can do on these jobs. `oracle_agreement` is the share of
-visited contexts whose greedy action (after a final quiet gossip round) is that action.
+visited contexts that allow two or more actions (one leaves nothing to get wrong) whose
+greedy action after the quiet round is that action (or ties with it).
+`oracle_agreement_exact_means` scores a table holding every (state, action)'s exact mean
+reward over the drawn jobs: where endless exploration leads. Private data is not in the
+state, so those means mix private and public jobs; and `masked_actions` lets single_node run
+a private job on a candidate holding only part of the data, which fails here: that −1 drags
+Q(state, single_node) down for the public jobs of the same state as well.
 """
 
 from __future__ import annotations
@@ -67,7 +91,7 @@ from hivenode.planner.breakdown import (
     DEADLINE_SLACK,
     MICRO_BATCHES_PER_STAGE,
 )
-from hivenode.planner.crdt import DeltaRejected, QDelta
+from hivenode.planner.crdt import DeltaRejected, Key, QDelta
 from hivenode.planner.qtable import TIE_ORDER, Hyper, QTable
 from hivenode.planner.rewards import JobOutcome, reward
 from hivenode.planner.state import (
@@ -79,6 +103,7 @@ from hivenode.planner.state import (
     Layer,
     NodeView,
     State,
+    capacity_bytes,
     encode,
     latency_percentile,
     masked_actions,
@@ -280,9 +305,7 @@ def _federated(job: SimJob) -> Cost | None:
 def _stage_shares(need: float, nodes: Sequence[SimNode]) -> list[float] | None:
     """Water-filling: shares of the model ∝ speed, each capped by its node's memory."""
     speed = [max(n.cpu_flops, n.gpu_flops) for n in nodes]
-    cap = [
-        max(n.view.memory_bytes, n.view.gpu_memory_bytes - CUDA_CONTEXT_BYTES) / need for n in nodes
-    ]
+    cap = [capacity_bytes(n.view) / need for n in nodes]
     shares = [0.0] * len(nodes)
     free, left = set(range(len(nodes))), 1.0
     while free:
@@ -404,8 +427,9 @@ class _Swarm:
     rng: np.random.Generator
     stats: GossipStats = field(default_factory=GossipStats)
     published: list[int] = field(default_factory=list)
-    queue: list[tuple[int, int, int, bytes]] = field(default_factory=list)
-    """(due job, order, recipient, wire bytes); the order keeps delivery deterministic."""
+    queue: list[tuple[float, int, int, bytes]] = field(default_factory=list)
+    """(due job, send order, recipient, wire bytes): deterministic delivery order."""
+    sends: int = 0
 
     def publish(self, sender: int, job: int, now: float, *, resend: bool, lossy: bool) -> None:
         table = self.tables[sender]
@@ -434,7 +458,8 @@ class _Swarm:
         self._enqueue(job, recipient, wire)
 
     def _enqueue(self, due: int, recipient: int, wire: bytes) -> None:
-        self.queue.append((due, len(self.queue) + self.stats.sent, recipient, wire))
+        self.sends += 1
+        self.queue.append((due, self.sends, recipient, wire))
 
     def deliver(self, upto: float, now: float) -> None:
         """Apply every delta due by job `upto`, in the order they were due."""
@@ -528,10 +553,27 @@ def oracle_agreement(table: QTable, records: Sequence[JobRecord]) -> Agreement:
     )
 
 
+def exact_table(records: Sequence[JobRecord]) -> QTable:
+    """A table holding, per (state, action), the mean reward over every job of that state
+    that allowed the action: what the table converges to with endless exploration and
+    averaging (1/n steps rather than a constant α)."""
+    rewards: dict[Key, list[float]] = defaultdict(list)
+    for record in records:
+        for action, value in record.rewards.items():
+            rewards[(*record.state.index, ACTIONS.index(action))].append(value)
+    table = QTable("exact")
+    for key, values in sorted(rewards.items()):
+        table.swarm.set_own(key, len(values), float(np.mean(values)), SIM_START)
+    return table
+
+
 @dataclass(frozen=True)
 class LearnResult:
     records: tuple[JobRecord, ...]
     agreement: Agreement
+    exact_means: Agreement
+    """The agreement of `exact_table`: where endless exploration would lead. Not a bound
+    (another table can agree by chance in more contexts), but what the binning allows."""
     curve: tuple[tuple[int, float], ...]
     """(jobs seen, node 0's agreement on the contexts seen so far) along the run."""
     divergence: float
@@ -540,6 +582,7 @@ class LearnResult:
     nodes: int
     seed: int
     hyper: Hyper
+    private_share: float
 
     def regrets(self) -> list[float]:
         return [r.regret for r in self.records]
@@ -553,14 +596,18 @@ class LearnResult:
             "jobs": len(self.records),
             "nodes": self.nodes,
             "seed": self.seed,
+            "private_share": self.private_share,
             "oracle_agreement": round(self.agreement.share, 6),
             "oracle_agreement_by_state": round(self.agreement.by_state, 6),
             "oracle_agreement_job_weighted": round(self.agreement.job_weighted, 6),
+            "oracle_agreement_exact_means": round(self.exact_means.share, 6),
             "oracle_definition": (
                 "per decision context (Q-table state + allowed actions): the action with the "
-                "best mean reward over the jobs drawn in it; share of visited contexts"
+                "best mean reward over the jobs drawn in it; share of the visited contexts "
+                "that allow two or more actions"
             ),
             "contexts_visited": self.agreement.contexts,
+            "contexts_without_choice": self.agreement.without_choice,
             "states_visited": len({r.state for r in self.records}),
             "greedy_loss": round(self.agreement.greedy_loss, 6),
             "job_oracle_agreement_final": round(
@@ -599,8 +646,8 @@ def run_learning(
 ) -> LearnResult:
     """Draw `jobs` jobs, let `nodes` planners choose (round-robin, ε-greedy), learn and
     gossip; then a quiet round and the scores (see the module docstring)."""
-    if jobs < 1 or nodes < 1:
-        raise ValueError("need at least one job and one node")
+    if jobs < 1 or nodes < 1 or not 0 <= private_share <= 1:
+        raise ValueError("need jobs ≥ 1, nodes ≥ 1 and private_share in [0, 1]")
     hyper = hyper or Hyper()
     streams = np.random.SeedSequence(seed).spawn(nodes + 2)
     job_rng, gossip_rng = np.random.default_rng(streams[0]), np.random.default_rng(streams[1])
@@ -641,6 +688,7 @@ def run_learning(
     return LearnResult(
         records=tuple(records),
         agreement=oracle_agreement(tables[0], records),
+        exact_means=oracle_agreement(exact_table(records), records),
         curve=tuple(curve),
         divergence=swarm.divergence(),
         gossip=swarm.stats,
@@ -648,6 +696,7 @@ def run_learning(
         nodes=nodes,
         seed=seed,
         hyper=hyper,
+        private_share=private_share,
     )
 
 
