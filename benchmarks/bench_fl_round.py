@@ -7,9 +7,9 @@ node) trained by N real nodes on 127.0.0.1, every node sampled every round, with
 the per-round evaluation on every node. In-process (the simulator: one trio loop for all
 nodes, training threads sharing the GIL with it) or, with --processes, one `hivenode run`
 daemon per node (a deployment: the job is submitted to one of them). A round's overhead is
-its wall time minus the slowest trainer's time inside the ClientApp (train plus evaluate): the Grid, the wire, the
-Flower strategy's own work, aggregation and the checkpoint. The first round (framework
-imports) is left out. Target (issue 3): ≤ 50 ms per round with 10 trainers.
+its wall time minus the slowest trainer's time inside the ClientApp (train plus evaluate):
+the Grid, the wire, the Flower strategy's own work, aggregation and the checkpoint. The first
+round (framework imports) is left out. Target (issue 3): ≤ 50 ms per round with 10 trainers.
 """
 
 from __future__ import annotations
