@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -216,7 +217,11 @@ async def _run_rounds(
         initial_control=_record_of(control) if control is not None else None,
     )
     token = trio.lowlevel.current_trio_token()
+    # checkpoints are written while the next round runs; a round is reported once it is on
+    # disk, so what a job says it has done is what it would resume from
+    to_writer, from_strategy = trio.open_memory_channel[tuple[Checkpoint, RoundRecord]](math.inf)
     async with trio.open_nursery() as nursery:
+        nursery.start_soon(_write_checkpoints, job_dir, from_strategy, on_round)
         grid = SwarmGrid(
             node,
             JobAddress(job.name, BUILTIN_APP),
@@ -244,17 +249,13 @@ async def _run_rounds(
             recorder.history.append(record)
             recorder.train = recorder.evaluate = None
             scaffold_control = strategy.control if isinstance(strategy, Scaffold) else None
-            save_checkpoint(
-                job_dir,
-                Checkpoint(
-                    number,
-                    {k: np.asarray(v) for k, v in arrayrecord_to_numpy(round_arrays).items()},
-                    scaffold_control,
-                    [r.as_json() for r in recorder.history],
-                ),
+            checkpoint = Checkpoint(
+                number,
+                {k: np.asarray(v) for k, v in arrayrecord_to_numpy(round_arrays).items()},
+                scaffold_control,
+                [r.as_json() for r in recorder.history],
             )
-            if on_round is not None:
-                trio.from_thread.run_sync(on_round, record, trio_token=token)
+            trio.from_thread.run_sync(to_writer.send_nowait, (checkpoint, record), trio_token=token)
             grid.round = number + 1
             round_started[0] = time.monotonic()
             return None
@@ -279,12 +280,24 @@ async def _run_rounds(
             stopped, final = exc, ArrayRecord()
         finally:
             await grid.aclose()
-        nursery.cancel_scope.cancel()
+            to_writer.close()  # the writer finishes what is queued, then the nursery closes
     if stopped is not None:
         raise JobError(f"job {job.name} stopped: {stopped}") from stopped
     if not len(final):
         return arrays
     return {k: np.asarray(v) for k, v in arrayrecord_to_numpy(final).items()}
+
+
+async def _write_checkpoints(
+    job_dir: Path,
+    checkpoints: trio.MemoryReceiveChannel[tuple[Checkpoint, RoundRecord]],
+    on_round: RoundCallback | None,
+) -> None:
+    async with checkpoints:
+        async for checkpoint, record in checkpoints:
+            await trio.to_thread.run_sync(save_checkpoint, job_dir, checkpoint)
+            if on_round is not None:
+                on_round(record)
 
 
 def _round_record(

@@ -24,6 +24,7 @@ from hivenode.planner.state import (
     holders,
     memory_need_bytes,
     throughput_of,
+    whole_holders,
 )
 
 BYTES_PER_PARAM_TRAINING = DTYPE_BYTES["float32"] * (2 + OPTIMIZER_STATE_COPIES[Optimizer.ADAM])
@@ -290,8 +291,8 @@ def breakdown(
     notes = [f"{n.peer_id}: throughput guessed from hardware" for n in nodes if not n.throughput]
     if action is Action.DATA_PARALLEL or action is Action.SINGLE_NODE:
         chosen = fitting
-        if action is Action.SINGLE_NODE:  # the fastest node, among the holders if private
-            pool = (holders(job, fitting) or []) if job.private else fitting
+        if action is Action.SINGLE_NODE:  # the fastest node; if private, one holding it all
+            pool = (whole_holders(job, fitting) or []) if job.private else fitting
             chosen = pool and [max(pool, key=throughput_of)]
         if not chosen:
             raise PlannerError("the model fits on no candidate node that may run it")

@@ -237,6 +237,15 @@ def holders(job: JobShape, nodes: Sequence[NodeView]) -> list[NodeView] | None:
     return [node for node in nodes if job.dataset in node.datasets]
 
 
+def whole_holders(job: JobShape, nodes: Sequence[NodeView]) -> list[NodeView] | None:
+    """The holders (see `holders`) that hold all of the job's samples: the only nodes that can
+    train it alone without receiving data; None when who holds the dataset is unknown."""
+    held = holders(job, nodes)
+    if held is None:
+        return None
+    return [node for node in held if node.datasets[job.dataset] >= job.samples]
+
+
 def masked_actions(job: JobShape, nodes: Sequence[NodeView]) -> dict[Action, str]:
     """The actions `job` cannot take on `nodes`, each with the first reason that rules it out.
 
@@ -244,7 +253,8 @@ def masked_actions(job: JobShape, nodes: Sequence[NodeView]) -> dict[Action, str
     - private data: the samples must stay on their holders. Data parallel ships shards, model
       and pipeline parallel ship the inputs to the first stage and the labels to the last (and
       activations leak inputs), so all three are masked. Federated stays (trainers read only
-      their own data), single_node stays only on a holder that fits the model;
+      their own data), single_node stays only on a node that holds all of the job's samples
+      and fits the model (a holder of part of them would need the rest sent to it);
     - a model that fits on no node masks every action that keeps a full replica on one node
       (data parallel, federated, single node); a model larger than all nodes together also
       masks model and pipeline parallel;
@@ -269,10 +279,17 @@ def masked_actions(job: JobShape, nodes: Sequence[NodeView]) -> dict[Action, str
     if job.private:
         for action in (Action.DATA_PARALLEL, Action.MODEL_PARALLEL, Action.PIPELINE_PARALLEL):
             mask(action, "private data: it would send samples off the nodes holding them")
-        if held is None:
+        whole = whole_holders(job, nodes) or []
+        if not held:
             mask(Action.SINGLE_NODE, "private data: no candidate is known to hold it")
-        elif not any(capacity_bytes(node) >= need for node in held):
-            mask(Action.SINGLE_NODE, "private data: the model fits on no node holding it")
+        elif not whole:
+            mask(
+                Action.SINGLE_NODE,
+                f"private data: no candidate holds all {job.samples} samples, they are "
+                f"spread over {len(held)} holders and may not move",
+            )
+        elif not any(capacity_bytes(node) >= need for node in whole):
+            mask(Action.SINGLE_NODE, "private data: the model fits on no node holding it all")
     if not fitting:
         gib = need / 1024**3
         for action in (Action.DATA_PARALLEL, Action.FEDERATED, Action.SINGLE_NODE):
