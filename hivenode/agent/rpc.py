@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 
 OK = "ok"
 ERROR = "error"
+OPEN_STREAM_TIMEOUT = 3.0
+"""Seconds a StreamPool waits to open a stream to a peer before calling it unreachable."""
 SESSION_IDLE_S = 600.0
 """A session stream with no request for this long is closed by the server."""
 
@@ -266,7 +268,7 @@ class StreamPool:
                 with _as_rpc_errors(peer_id, self._protocol_id, timeout), trio.fail_after(timeout):
                     stream = self._streams.get(peer_id)
                     if stream is None:
-                        stream = await open_stream(self._host, peer_id, self._protocol_id)
+                        stream = await self._open(peer_id)
                         self._streams[peer_id] = stream
                     reply = await _exchange(stream, message, self._limits)
                 done = True
@@ -274,6 +276,13 @@ class StreamPool:
                 if not done:
                     await self._drop(peer_id)
         return _checked(reply, message, peer_id)
+
+    async def _open(self, peer_id: str) -> Any:
+        # a live peer opens a stream in milliseconds; a dead one would hold us for
+        # py-libp2p's own 10 s negotiation timeout, the rest of a round's deadline
+        with trio.move_on_after(OPEN_STREAM_TIMEOUT):
+            return await open_stream(self._host, peer_id, self._protocol_id)
+        raise RpcError("unreachable", f"{peer_id}: no stream within {OPEN_STREAM_TIMEOUT:g} s")
 
     async def aclose(self) -> None:
         for peer_id in list(self._streams):

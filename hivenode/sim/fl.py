@@ -14,7 +14,7 @@ import logging
 import os
 import statistics
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -133,9 +133,18 @@ def job_for(config: FlSimConfig, run: StrategyRun, trainers: Sequence[str]) -> J
 
 
 async def run_fl_sim(
-    config: FlSimConfig, *, on_round: Any = None, work_dir: Path | None = None
+    config: FlSimConfig,
+    *,
+    on_round: Any = None,
+    work_dir: Path | None = None,
+    faults: Callable[[RoundRecord, Sequence[Node]], None] | None = None,
+    keep_jobs: Path | None = None,
 ) -> list[StrategyOutcome]:
-    """Start the swarm, run every strategy as a job, stop the swarm."""
+    """Start the swarm, run every strategy as a job, stop the swarm.
+
+    `faults`, called after every round with the trainer nodes, may stop some of them (the
+    fault scenarios do); `on_round(label, record)` reports progress; `keep_jobs` keeps the
+    jobs' directories (checkpoints, final models) there instead of deleting them."""
     from libp2p.crypto.ed25519 import create_new_key_pair
 
     quiet_libp2p()
@@ -177,11 +186,11 @@ async def run_fl_sim(
             try:
                 for run in config.strategies:
                     job = job_for(config, run, [n.peer_id for n in nodes[1:]])
-                    callback = (lambda r, label=run.label: on_round(label, r)) if on_round else None
+                    callback = _round_callback(run.label, on_round, faults, nodes[1:])
                     result = await run_job(
                         aggregator,
                         job,
-                        base / "jobs" / job.name,
+                        (keep_jobs or base / "jobs") / job.name,
                         on_round=callback,
                         trainer_wait_s=JOIN_WAIT_S,
                     )
@@ -190,6 +199,24 @@ async def run_fl_sim(
                 for node in nodes:
                     node.stop()
     return outcomes
+
+
+def _round_callback(
+    label: str,
+    on_round: Any,
+    faults: Callable[[RoundRecord, Sequence[Node]], None] | None,
+    trainers: Sequence[Node],
+) -> Callable[[RoundRecord], None] | None:
+    if on_round is None and faults is None:
+        return None
+
+    def callback(record: RoundRecord) -> None:
+        if on_round is not None:
+            on_round(label, record)
+        if faults is not None:
+            faults(record, trainers)
+
+    return callback
 
 
 def _one_torch_thread() -> None:
