@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -100,6 +100,9 @@ class Node:
         self.trainer = trainer if Role.TRAINER in settings.roles else None
         self.qtable = qtable
         """The swarm's Q-table as this node holds it; None: the node takes no part."""
+        self._extra_handlers: list[tuple[str, rpc.Handler, Limits, float | None, bool]] = []
+        self.advert_hooks: list[Callable[[Advert], Advert]] = []
+        """Roles living above `agent/` (inference workers...) add what their adverts say."""
         self.peer_table = PeerTable(self.peer_id)
         self.state = NodeState()
         self.running_tasks = 0
@@ -113,6 +116,17 @@ class Node:
         self.hardware: Hardware | None = None
         """The last hardware probe, refreshed before each advert."""
         self._nursery: trio.Nursery | None = None
+
+    def add_handler(
+        self,
+        protocol_id: str,
+        handler: rpc.Handler,
+        limits: Limits = CONTROL_LIMITS,
+        timeout: float | None = None,
+        session: bool = False,
+    ) -> None:
+        """Serve `protocol_id` too (see `RpcServer.register`); call before `run`."""
+        self._extra_handlers.append((protocol_id, handler, limits, timeout, session))
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -289,6 +303,12 @@ class Node:
         )
 
     def build_advert(self, hardware: Hardware) -> Advert:
+        advert = self._own_advert(hardware)
+        for hook in self.advert_hooks:
+            advert = hook(advert)
+        return advert
+
+    def _own_advert(self, hardware: Hardware) -> Advert:
         period = self.current_period()
         return Advert(
             origin=self.peer_id,
@@ -450,6 +470,8 @@ class Node:
         if self.blob_resolver is not None:
             handler = blob_handler(self.blob_resolver, self.metrics.blob_bytes_served.inc)
             server.register(BLOB_PROTOCOL, handler, CONTROL_LIMITS)
+        for protocol_id, handler, limits, timeout, session in self._extra_handlers:
+            server.register(protocol_id, handler, limits, timeout, session)
         if self.qtable is not None:
             server.register(QTABLE_PROTOCOL, self.qtable.serve_snapshot, CONTROL_LIMITS)
         if self.trainer is not None:
