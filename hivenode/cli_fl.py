@@ -85,7 +85,8 @@ def sim_fl(
             fail(str(group.exceptions[0]), EXIT_USAGE)
         except* (JobError, TrainingError) as group:
             fail(str(group.exceptions[0]), EXIT_FAILURE)
-    title = f"{dataset} ({partition}), {nodes} nodes, {model}, stragglers {stragglers:g}"
+    split = "" if dataset.startswith(("synthetic:", "file:")) else f" ({partition})"
+    title = f"{dataset}{split}, {nodes} nodes, {model}, stragglers {stragglers:g}"
     summary = {o.label: o.summary() for o in outcomes}
     written = write_results(outcomes, out, title) if out else []
     if as_json:

@@ -199,6 +199,13 @@ def route_library_logger(name: str, level: int) -> None:
     logger = logging.getLogger(name)
     logger.propagate = True
     logger.setLevel(level)
+    # a module that sets its own level (py-libp2p's auto_connector: INFO, a line per dial
+    # round) would log past ours; imported now, it inherits ours instead
+    if name == "libp2p":
+        importlib.import_module("libp2p.network.auto_connector")
+    for child, child_logger in list(logging.root.manager.loggerDict.items()):
+        if child.startswith(name + ".") and isinstance(child_logger, logging.Logger):
+            child_logger.setLevel(logging.NOTSET)
 
 
 def _socket_address(value: str) -> str | None:

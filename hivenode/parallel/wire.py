@@ -1,0 +1,46 @@
+"""Protocol ids and request-body checks shared by the data- and pipeline-parallel protocols.
+
+Every request names its job (`body["job"]`), so one handler per protocol serves all the jobs
+a node takes part in (see `router.py`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Final, TypeVar
+
+from hivenode.protocol.errors import ProtocolError
+
+ALLREDUCE_PROTOCOL: Final = "/hivenode/allreduce/1.0.0"
+"""One peer's share of a gradient to the peer that reduces that part; the reply is the part
+averaged over every contributor."""
+DP_STATE_PROTOCOL: Final = "/hivenode/dp-state/1.0.0"
+"""A late joiner asks a replica to admit it; the reply is the replica's state once admitted."""
+PIPELINE_PROTOCOL: Final = "/hivenode/pipeline/1.0.0"
+"""Activations to the next stage, gradients back to the previous one."""
+
+PROTOCOLS: Final = (ALLREDUCE_PROTOCOL, DP_STATE_PROTOCOL, PIPELINE_PROTOCOL)
+
+_T = TypeVar("_T")
+
+
+def field(body: Mapping[str, Any], name: str, kind: type[_T]) -> _T:
+    """`body[name]` of type `kind` (a bool is no int), else a ProtocolError naming it."""
+    value = body.get(name)
+    if not isinstance(value, kind) or (kind in (int, float) and isinstance(value, bool)):
+        raise ProtocolError(f"request field {name!r} must be {kind.__name__}, got {value!r:.60}")
+    return value
+
+
+def number(body: Mapping[str, Any], name: str) -> float:
+    value = body.get(name)
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise ProtocolError(f"request field {name!r} must be a number, got {value!r:.60}")
+    return float(value)
+
+
+def peer_list(body: Mapping[str, Any], name: str, max_peers: int = 4096) -> tuple[str, ...]:
+    raw = field(body, name, list)
+    if len(raw) > max_peers or not all(isinstance(p, str) and 0 < len(p) < 128 for p in raw):
+        raise ProtocolError(f"request field {name!r} must be a list of peer ids")
+    return tuple(raw)
