@@ -25,7 +25,19 @@ def sim_learn(
     nodes: Annotated[int, typer.Option("--nodes", "-n", min=1, help="Learning planners.")] = 5,
     seed: Annotated[int, typer.Option()] = 0,
     epsilon: Annotated[
-        float | None, typer.Option(min=0, max=1, help="Initial ε (default: the planner's).")
+        float | None,
+        typer.Option(min=0, max=1, help="Initial ε (default: sim.learn.LEARNING_PHASE's)."),
+    ] = None,
+    epsilon_decay: Annotated[
+        float | None,
+        typer.Option(min=0, max=1, help="ε's factor per choice, in (0, 1] (default: ditto)."),
+    ] = None,
+    epsilon_min: Annotated[
+        float | None, typer.Option(min=0, max=1, help="ε's floor (default: ditto).")
+    ] = None,
+    untried_value: Annotated[
+        float | None,
+        typer.Option(min=-1, max=1, help="Q greedy gives an untried action (default: ditto)."),
     ] = None,
     private_share: Annotated[
         float, typer.Option(min=0, max=1, help="Share of jobs whose data is private.")
@@ -34,11 +46,23 @@ def sim_learn(
     as_json: JsonOpt = False,
 ) -> None:
     """Planners choose strategies for simulated jobs, learn and gossip the Q-table; report
-    the regret and how often the greedy choice matches the cost model's oracle."""
-    from hivenode.planner.qtable import Hyper
-    from hivenode.sim.learn import plot_learning, run_learning
+    the regret and how often the greedy choice matches the cost model's oracle. The learners'
+    settings default to the learning phase's (the JSON's `hyper` shows those used)."""
+    from dataclasses import replace
 
-    hyper = Hyper() if epsilon is None else Hyper(epsilon=epsilon)
+    from hivenode.planner.state import PlannerError
+    from hivenode.sim.learn import LEARNING_PHASE, plot_learning, run_learning
+
+    given = {
+        "epsilon": epsilon,
+        "epsilon_decay": epsilon_decay,
+        "epsilon_min": epsilon_min,
+        "untried_value": untried_value,
+    }
+    try:
+        hyper = replace(LEARNING_PHASE, **{k: v for k, v in given.items() if v is not None})
+    except PlannerError as exc:
+        fail(str(exc), EXIT_USAGE)
     result = run_learning(jobs, nodes, seed, hyper=hyper, private_share=private_share)
     written = [plot_learning(result, out)] if out else []
     summary = result.summary()
@@ -57,6 +81,7 @@ def _print_learning(result: LearnResult, summary: dict[str, Any], written: list[
             "oracle agreement",
             f"{summary['oracle_agreement']:.3f} of {summary['contexts_visited']} contexts "
             f"(exact means {summary['oracle_agreement_exact_means']:.3f}, "
+            f"untrained {summary['oracle_agreement_untrained']:.3f}, "
             f"by state {summary['oracle_agreement_by_state']:.3f})",
         ),
         ("final regret", f"{summary['final_regret']:.4f} (mean over the last 10 % of jobs)"),

@@ -38,6 +38,8 @@ class Plan:
     explored: bool
     """True when ε-greedy drew the action at random."""
     breakdown: Breakdown
+    untried_value: float = 0.0
+    """The value greedy gave actions with no visits (`Hyper.untried_value`)."""
 
     def per_node(self) -> list[dict[str, Any]]:
         """One row per candidate: what it does under the chosen action."""
@@ -85,6 +87,7 @@ class Plan:
             },
             "q_values": {a.value: self.q_values[a] for a in ACTIONS},
             "visits": {a.value: self.visits[a] for a in ACTIONS},
+            "untried_value": self.untried_value,
             "masked": {a.value: reason for a, reason in self.masked.items()},
             "chosen": self.chosen.value,
             "explored": self.explored,
@@ -104,10 +107,9 @@ class Plan:
         for action in ACTIONS:
             mark = "→" if action is self.chosen else " "
             why = f"  masked: {self.masked[action]}" if action in self.masked else ""
-            lines.append(
-                f" {mark} {action.value:<18} {self.q_values[action]:+.4f}"
-                f"  ({self.visits[action]} visits){why}"
-            )
+            visits = self.visits[action]
+            seen = f"{visits} visits" if visits else f"untried: counts as {self.untried_value:+.4f}"
+            lines.append(f" {mark} {action.value:<18} {self.q_values[action]:+.4f}  ({seen}){why}")
         how = "explored at random (ε-greedy)" if self.explored else "greedy"
         lines.append(f"chosen: {self.chosen.value} ({how})")
         for row in self.per_node() if nodes else []:
@@ -168,4 +170,5 @@ def make_plan(
             chosen=chosen,
             explored=explored,
             breakdown=work,
+            untried_value=table.hyper.untried_value,
         )

@@ -12,6 +12,17 @@ job that earned reward r:
 instead of starting from 0: in a visit-weighted mean across origins, an origin's first visit
 counts fully and must not drag the cell towards 0. Later visits use the constant α, which
 keeps tracking a swarm whose speed changes.
+
+Untried actions: a cell no node has visited holds no estimate, and greedy takes its value to be
+the prior `Hyper.untried_value` (default 0: the reward of a job that just meets its reference,
+see `planner.rewards`). Greedy therefore keeps a tried action while its mean beats the prior
+and otherwise moves on to the next untried allowed action (in TIE_ORDER): optimistic initial
+values (Sutton & Barto, *Reinforcement Learning*, §2.6), a systematic exploration on top of
+ε's random draws. A tried action equal to the prior beats an untried one (evidence before
+assumption), so −1, the lowest reward, makes greedy prefer every tried action. A modest
+prior is deliberate: "prefer tried actions" leaves a state on the first action that happened
+to run, and `hivenode sim learn` measured that as far worse (see `sim.learn`); a prior near
++1 leaves greedy on untried actions wherever a state saw fewer jobs than it allows actions.
 """
 
 from __future__ import annotations
@@ -19,7 +30,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -67,17 +78,21 @@ LEGACY_GLOBALS = frozenset(
 @dataclass(frozen=True)
 class Hyper:
     """Learning settings: exploration ε decays by `epsilon_decay` per choice down to
-    `epsilon_min`; α is the learning rate, γ the discount."""
+    `epsilon_min`; α is the learning rate, γ the discount; `untried_value` is the value
+    greedy gives an action never tried in a state (see the module docstring)."""
 
     epsilon: float = 0.1
     epsilon_decay: float = 0.995
     epsilon_min: float = 0.01
     alpha: float = 0.1
     gamma: float = 0.9
+    untried_value: float = 0.0
 
     def __post_init__(self) -> None:
         if not (0 <= self.epsilon_min <= 1 and 0 <= self.epsilon <= 1):
             raise PlannerError("epsilon and epsilon_min must lie in [0, 1]")
+        if not -1 <= self.untried_value <= 1:  # a reward's range (planner.rewards); NaN fails
+            raise PlannerError("untried_value must lie in [-1, 1], the range of a reward")
         # γ ≤ MAX_GAMMA keeps |Q| ≤ 1/(1−γ) within what gossip accepts (crdt.MAX_ABS_VALUE)
         if not (
             0 < self.epsilon_decay <= 1 and 0 < self.alpha <= 1 and 0 <= self.gamma <= MAX_GAMMA
@@ -124,12 +139,22 @@ class QTable:
         row = self.visits[state.index]
         return {action: int(row[i]) for i, action in enumerate(ACTIONS)}
 
+    def effective_value(self, state: State, action: Action) -> float:
+        """What greedy ranks `action` by: its merged Q, or `untried_value` with no visits."""
+        values, visits = self.swarm.merged()
+        key = (*state.index, ACTIONS.index(action))
+        return float(values[key]) if visits[key] > 0 else self.hyper.untried_value
+
     def greedy(self, state: State, allowed: Sequence[Action]) -> Action:
-        """The allowed action of highest Q; ties go by TIE_ORDER."""
+        """The allowed action of highest Q, an untried one counting as `untried_value`; on a
+        tie a tried action first, then TIE_ORDER."""
         if not allowed:
             raise PlannerError("every action is masked: nothing to choose")
-        q = self.q_values(state)
-        return max(TIE_ORDER, key=lambda a: (a in allowed, q[a], -TIE_ORDER.index(a)))
+        visits = self.visit_counts(state)
+        return max(
+            (a for a in TIE_ORDER if a in allowed),
+            key=lambda a: (self.effective_value(state, a), visits[a] > 0, -TIE_ORDER.index(a)),
+        )
 
     def choose(self, state: State, allowed: Sequence[Action]) -> tuple[Action, bool]:
         """ε-greedy: a uniformly drawn allowed action with probability ε (True: explored),
@@ -203,7 +228,11 @@ class QTable:
         if doc.get("version") != FORMAT_VERSION or doc.get("shape") != list(TABLE_SHAPE):
             raise PlannerError(f"unsupported Q-table version {doc.get('version')!r} or shape")
         try:
-            hyper = Hyper(**doc.get("hyper", {}))
+            settings = doc.get("hyper", {})
+            if not isinstance(settings, dict):
+                raise TypeError("hyper is not an object")
+            known = {f.name for f in fields(Hyper)}  # a newer writer's extra settings are ignored
+            hyper = Hyper(**{k: v for k, v in settings.items() if k in known})
             epsilon = float(doc.get("epsilon", hyper.epsilon))
         except (TypeError, ValueError) as exc:
             raise PlannerError(f"bad Q-table settings: {exc}") from exc

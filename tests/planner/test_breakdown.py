@@ -197,6 +197,18 @@ def test_private_single_node_runs_on_the_holder() -> None:
     assert breakdown(Action.SINGLE_NODE, job, nodes).shards[0].peer_id == "holder"
 
 
+def test_private_single_node_skips_a_faster_node_holding_only_part() -> None:
+    nodes = [
+        NodeView("fast-part", memory_bytes=GIB, throughput=900.0, datasets={"d": 60}),
+        NodeView("slow-whole", memory_bytes=GIB, throughput=10.0, datasets={"d": 100}),
+    ]
+    job = JobShape(params=1000, samples=100, private=True, dataset="d")
+    shards = breakdown(Action.SINGLE_NODE, job, nodes).shards
+    assert [(s.peer_id, s.start, s.end) for s in shards] == [("slow-whole", 0, 100)]
+    with pytest.raises(PlannerError, match="may run it"):
+        breakdown(Action.SINGLE_NODE, job, nodes[:1])
+
+
 def test_federated_takes_the_holders_that_fit() -> None:
     nodes = [
         NodeView("a", memory_bytes=GIB, throughput=10.0, datasets={"d": 100}),

@@ -33,6 +33,7 @@ def test_a_fresh_table_explains_its_greedy_choice() -> None:
     text = plan.explain()
     assert "state 0-1-1-1" in text and "latency p90 40.0 ms" in text
     assert "→ single_node" in text and "fast: samples [0, 20000)" in text
+    assert "untried: counts as +0.0000" in text and plan.as_json()["untried_value"] == 0.0
 
 
 def test_learning_moves_the_choice_and_the_json_says_everything() -> None:
@@ -58,7 +59,8 @@ def plan_state() -> State:
 
 def test_exploration_never_picks_a_masked_action() -> None:
     job = JobShape(params=60_000, samples=20_000, private=True, dataset="d")
-    nodes = [*swarm(), NodeView("holder", memory_bytes=GIB, rtt_ms=5.0, datasets={"d": 10})]
+    holder = NodeView("holder", memory_bytes=GIB, rtt_ms=5.0, datasets={"d": 20_000})
+    nodes = [*swarm(), holder]
     table = QTable(hyper=Hyper(epsilon=1.0, epsilon_min=1.0), seed=3)
     chosen = {make_plan(job, nodes, table, explore=True).chosen for _ in range(60)}
     assert chosen == {Action.FEDERATED, Action.SINGLE_NODE}

@@ -48,6 +48,31 @@ def test_unvisited_ties_go_to_the_least_coordinated_action() -> None:
         table.greedy(S, [])
 
 
+def test_an_untried_action_counts_as_the_prior() -> None:
+    table = QTable(hyper=Hyper(untried_value=0.1))
+    table.update(S, Action.SINGLE_NODE, 0.05)  # tried, below the prior: try the next one
+    assert table.greedy(S, ALL) is Action.DATA_PARALLEL
+    table.update(S, Action.DATA_PARALLEL, 0.3)  # above it: keep it
+    assert table.greedy(S, ALL) is Action.DATA_PARALLEL
+    assert table.effective_value(S, Action.FEDERATED) == 0.1
+    assert table.effective_value(S, Action.DATA_PARALLEL) == 0.3
+
+
+def test_a_tried_action_equal_to_the_prior_beats_an_untried_one() -> None:
+    table = QTable()  # the default prior: 0, a job that just meets its reference
+    table.update(S, Action.FEDERATED, 0.0)
+    assert table.greedy(S, ALL) is Action.FEDERATED
+    table.update(S, Action.FEDERATED, -0.2)  # mean −0.1: below the reference
+    assert table.greedy(S, ALL) is Action.SINGLE_NODE
+
+
+def test_the_lowest_prior_prefers_every_tried_action() -> None:
+    table = QTable(hyper=Hyper(untried_value=-1.0))
+    table.update(S, Action.MODEL_PARALLEL, -1.0)  # a failure still beats the unknown
+    assert table.greedy(S, ALL) is Action.MODEL_PARALLEL
+    assert table.greedy(S, [Action.SINGLE_NODE, Action.FEDERATED]) is Action.SINGLE_NODE
+
+
 def test_the_same_seed_makes_the_same_choices() -> None:
     def run(seed: int) -> list[tuple[Action, bool]]:
         table = QTable(hyper=Hyper(epsilon=0.5), seed=seed)
@@ -97,6 +122,9 @@ def test_a_next_state_adds_its_discounted_best_value() -> None:
 def test_bad_hyperparameters_and_rewards_are_refused() -> None:
     with pytest.raises(PlannerError):
         Hyper(gamma=1.0)
+    for prior in (1.5, -1.5, float("nan")):
+        with pytest.raises(PlannerError, match="untried_value"):
+            Hyper(untried_value=prior)
     for bad in (float("nan"), 1.5, -2.0):
         with pytest.raises(PlannerError, match="outside"):
             QTable().update(S, Action.FEDERATED, bad)
@@ -117,6 +145,17 @@ def test_the_table_survives_a_save_and_load_as_json(tmp_path: Path) -> None:
     assert again.epsilon == table.epsilon
     assert np.array_equal(again.values, table.values)
     assert np.array_equal(again.visits, table.visits)
+
+
+def test_settings_unknown_to_this_version_are_ignored_and_missing_ones_default() -> None:
+    doc = QTable(hyper=Hyper(untried_value=0.2)).to_json()
+    assert QTable.from_json(doc).hyper.untried_value == 0.2
+    doc["hyper"]["from_a_newer_node"] = 1
+    del doc["hyper"]["untried_value"]  # as an older node wrote it
+    assert QTable.from_json(doc).hyper == Hyper()
+    doc["hyper"] = [1, 2]
+    with pytest.raises(PlannerError, match="bad Q-table settings"):
+        QTable.from_json(doc)
 
 
 def test_a_missing_file_is_an_empty_table_and_garbage_is_refused(tmp_path: Path) -> None:

@@ -118,6 +118,31 @@ def test_private_data_masks_single_node_when_no_holder_can_fit_the_model() -> No
     assert Action.FEDERATED in masked
 
 
+def test_private_data_spread_over_nodes_masks_single_node() -> None:
+    # each holder has half the samples: training on one would need the other half sent to it
+    job = JobShape(params=1, samples=1000, private=True, dataset="d", layers=LAYERS)
+    nodes = [node("a", datasets={"d": 500}), node("b", datasets={"d": 500})]
+    masked = masked_actions(job, nodes)
+    assert "spread over 2 holders" in masked[Action.SINGLE_NODE]
+    assert [a for a in Action if a not in masked] == [Action.FEDERATED]
+
+
+def test_private_single_node_needs_one_node_that_holds_every_sample_and_fits() -> None:
+    job = JobShape(params=1, samples=1000, private=True, dataset="d", memory_bytes=8 * GIB)
+    partial = node("partial", datasets={"d": 400})
+    whole = node("whole", datasets={"d": 1000})
+    assert Action.SINGLE_NODE not in masked_actions(job, [partial, whole])
+    small_whole = node("small-whole", memory=GIB, datasets={"d": 1000})
+    masked = masked_actions(job, [partial, small_whole])
+    assert "fits on no node holding it all" in masked[Action.SINGLE_NODE]
+
+
+def test_public_data_may_run_on_one_node_that_holds_part_of_it() -> None:
+    job = JobShape(params=1, samples=1000, dataset="d")
+    nodes = [node("a", datasets={"d": 500}), node("b", datasets={"d": 500})]
+    assert Action.SINGLE_NODE not in masked_actions(job, nodes)
+
+
 def test_private_data_with_unknown_holders_allows_only_federated() -> None:
     job = JobShape(params=1, samples=1, private=True, layers=LAYERS)
     assert [a for a in Action if a not in masked_actions(job, swarm(3))] == [Action.FEDERATED]
