@@ -27,9 +27,18 @@ from hivenode.cli_common import (
 from hivenode.cli_data import data_app
 from hivenode.cli_fl import sim_fl
 from hivenode.cli_flower import flower_app_app, sim_flower_app
+from hivenode.cli_infer import (
+    deploy_command,
+    infer_command,
+    optimize_command,
+    serve_command,
+    stats_command,
+    undeploy_command,
+)
 from hivenode.cli_jobs import jobs_app
 from hivenode.cli_learn import sim_learn, tune_command
 from hivenode.cli_models import models_app  # typer and the stdlib only at import time
+from hivenode.cli_parallel import sim_parallel
 from hivenode.cli_planner import plan_command, qtable_app
 
 app = typer.Typer(
@@ -46,9 +55,16 @@ app.add_typer(data_app, name="data")
 app.add_typer(jobs_app, name="jobs")
 app.add_typer(qtable_app, name="qtable")
 app.command("plan")(plan_command)
+app.command("infer")(infer_command)
+models_app.command("serve")(serve_command)
+models_app.command("deploy")(deploy_command)
+models_app.command("undeploy")(undeploy_command)
+models_app.command("optimize")(optimize_command)
+models_app.command("stats")(stats_command)
 sim_app.command("fl")(sim_fl)
 sim_app.command("flower-app")(sim_flower_app)
 sim_app.command("learn")(sim_learn)
+sim_app.command("parallel")(sim_parallel)
 app.command("tune")(tune_command)
 app.add_typer(flower_app_app, name="flower-app")
 
@@ -185,17 +201,20 @@ def run(
     )
     import trio
 
-    from hivenode.agent.daemon import run_daemon
+    from hivenode.agent.daemon import DaemonService, run_daemon
     from hivenode.agent.errors import AgentError
     from hivenode.agent.systemd import configure_logging
     from hivenode.protocol.advert import Role
 
     configure_logging(settings.log_level)
-    services = []
+    services: list[DaemonService] = []
     if Role.AGGREGATOR in settings.roles:
         from hivenode.aggregator.service import JobService
 
         services.append(JobService())
+    from hivenode.inference.service import InferenceService
+
+    services.append(InferenceService())  # the router on every node; the worker with its role
     try:
         trio.run(run_daemon, settings, services)
     except AgentError as exc:

@@ -297,6 +297,11 @@ class Node:
 
     # --- adverts ---------------------------------------------------------------------------
 
+    def advertise_soon(self) -> None:
+        """Announce now rather than at the next check: a role's advert hook says something
+        new (an inference worker started or stopped serving a model)."""
+        self._advert_now.set()
+
     def current_period(self) -> float:
         return advert_period(
             len(self.peer_table), self.settings.advert_period, self.settings.advert_deliveries_per_s

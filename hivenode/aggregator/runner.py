@@ -184,7 +184,7 @@ async def run_job(
             node, job, job_dir, trainers, arrays, checkpoint, recorder, on_round
         )
     model_path = job_dir / "model.safetensors"
-    await trio.to_thread.run_sync(_save_model, job, arrays, model_path)
+    await trio.to_thread.run_sync(_save_model, job, arrays, model_path, info)
     return JobResult(
         name=job.name,
         strategy=job.strategy.name,
@@ -373,9 +373,16 @@ def run_id_of(name: str) -> int:
     return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big") >> 1
 
 
-def _save_model(job: JobSpec, arrays: dict[str, NDArray], path: Path) -> None:
+def _save_model(
+    job: JobSpec, arrays: dict[str, NDArray], path: Path, info: DatasetInfo | None = None
+) -> None:
     from safetensors.numpy import save
 
-    metadata = {"hivenode-model": json.dumps(job.model.model_dump()), "job": job.name}
+    from hivenode.models.training.backend import INPUT_SHAPE_KEY, MODEL_SPEC_KEY, NUM_CLASSES_KEY
+
+    metadata = {MODEL_SPEC_KEY: json.dumps(job.model.model_dump()), "job": job.name}
+    if info is not None and info.feature_shape:  # what an inference worker's input is
+        metadata[INPUT_SHAPE_KEY] = json.dumps(list(info.feature_shape))
+        metadata[NUM_CLASSES_KEY] = str(info.num_classes)
     contiguous = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
     atomic_write(path, save(contiguous, metadata=metadata), mode=0o644)

@@ -3,6 +3,7 @@ samples formed within `max_wait`, at most `slots` batches computing at once per 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections import deque
@@ -16,6 +17,9 @@ from hivenode.inference.errors import Code, InferenceError
 from hivenode.inference.runtime import LoadedModel, NDArray
 
 log = logging.getLogger(__name__)
+
+GAP_ALPHA = 0.1
+"""Weight of the newest gap between two requests in their running mean."""
 
 
 @dataclass(frozen=True)
@@ -47,8 +51,9 @@ class Batcher:
 
     A request waits in a queue of at most `max_queue`; a request that finds it full is
     refused at once with `busy` (backpressure, not an unbounded queue). A batch starts once a
-    compute slot is free, with what is waiting then, or, while it holds fewer than
-    `max_batch` samples, up to `max_wait` after its oldest request arrived. Only requests of
+    compute slot is free, with what is waiting then; while it holds fewer than `max_batch`
+    samples and requests come more often than one per `max_wait`, it waits up to
+    `max_wait` after its oldest request arrived for more. Only requests of
     the same per-sample shape share a batch; one larger than `max_batch` runs alone.
     """
 
@@ -70,6 +75,10 @@ class Batcher:
         self.running = 0
         """Batches computing now."""
         self._closed = False
+        self._retiring = False
+        self._last_arrival: float | None = None
+        self._arrival_gap_s: float | None = None
+        """Mean seconds between requests lately (an EWMA)."""
 
     @property
     def queue_length(self) -> int:
@@ -86,6 +95,13 @@ class Batcher:
                 f"(max_queue {self.max_queue}); try another worker",
             )
         item = _Pending(inputs, time.perf_counter())
+        if self._last_arrival is not None:
+            gap = item.arrived - self._last_arrival
+            previous = self._arrival_gap_s
+            self._arrival_gap_s = (
+                gap if previous is None else previous + GAP_ALPHA * (gap - previous)
+            )
+        self._last_arrival = item.arrived
         self._waiting.append(item)
         self._arrival.set()
         try:
@@ -108,6 +124,8 @@ class Batcher:
         async with trio.open_nursery() as nursery:
             while True:
                 while not self._live():
+                    if self._retiring and self.running == 0:
+                        return
                     self._arrival = trio.Event()
                     await self._arrival.wait()
                 await self._slots.acquire()
@@ -129,8 +147,13 @@ class Batcher:
         return bool(self._waiting)
 
     async def _fill(self) -> None:
-        """Wait, up to `max_wait` after the oldest request arrived, for a full batch."""
+        """Wait up to `max_wait` after the oldest request arrived for a full batch, when
+        requests have lately come faster than one per `max_wait`: then another is likely
+        to join and save a batch (a thread hand-off and a model call). When they come
+        slower, lingering would only add latency, so the batch starts at once."""
         if not self._waiting or self.max_wait <= 0:
+            return
+        if self._arrival_gap_s is None or self._arrival_gap_s > self.max_wait:
             return
         remaining = self._waiting[0].arrived + self.max_wait - time.perf_counter()
         with trio.move_on_after(max(0.0, remaining)):
@@ -165,14 +188,14 @@ class Batcher:
         return taken
 
     def _discard(self, item: _Pending) -> None:
-        try:
+        # not waiting any more: already taken into a batch, whose result for it is dropped
+        with contextlib.suppress(ValueError):
             self._waiting.remove(item)
-        except ValueError:
-            pass  # already taken into a batch; its result is dropped
 
     async def _compute(self, batch: list[_Pending]) -> None:
         try:
-            inputs = batch[0].inputs if len(batch) == 1 else np.concatenate([p.inputs for p in batch])
+            parts = [p.inputs for p in batch]
+            inputs = parts[0] if len(parts) == 1 else np.concatenate(parts)
             started = time.perf_counter()
             try:
                 outputs = await trio.to_thread.run_sync(self.model.predict, inputs)
@@ -199,9 +222,16 @@ class Batcher:
         finally:
             self.running -= 1
             self._slots.release()
+            self._arrival.set()  # a retiring batcher checks whether it is done
             # cancelled (the model is being dropped): nobody may wait for a result that
             # will never come
             self._fail([p for p in batch if not p.done.is_set()], self._closing_error())
+
+    def retire(self) -> None:
+        """Take no more requests (the caller routes new ones elsewhere), finish those
+        waiting and computing, then let `run` return."""
+        self._retiring = True
+        self._arrival.set()
 
     def close(self) -> None:
         """Answer every waiting request: the model is no longer served. `run` is cancelled

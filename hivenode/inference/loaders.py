@@ -23,11 +23,9 @@ import numpy as np
 from hivenode.inference.errors import Code, InferenceError
 from hivenode.inference.runtime import LoadedModel, NDArray, Predict, Signature
 from hivenode.models.registry import ModelVersion
+from hivenode.models.training.backend import INPUT_SHAPE_KEY, NUM_CLASSES_KEY
+from hivenode.models.training.backend import MODEL_SPEC_KEY as SPEC_KEY
 
-SPEC_KEY = "hivenode-model"
-INPUT_SHAPE_KEY = "hivenode-input-shape"
-"""Optional safetensors metadata: the per-sample input shape as a JSON list."""
-NUM_CLASSES_KEY = "hivenode-num-classes"
 ZOO_POOLING = 4
 """The zoo's cnn halves the image twice: its head sees (H // 4) × (W // 4) per channel."""
 _FEATURE_WEIGHT = re.compile(r"features\.(\d+)\.weight")
@@ -150,6 +148,7 @@ def _load_zoo(
         signature=Signature(feature_shape, np.dtype(np.float32), flat=True),
         predict=predict,
         weights_bytes=sum(a.nbytes for a in arrays.values()),
+        module=module,
     )
 
 
@@ -200,10 +199,10 @@ def _load_hf(version: ModelVersion, path: Path, spec: Any) -> LoadedModel:
 
 def _load_skops(version: ModelVersion, path: Path) -> LoadedModel:
     try:
-        import skops.io as sio
+        import skops.io as sio  # type: ignore[import-untyped]
     except ImportError as exc:
         raise InferenceError(
-            Code.UNSUPPORTED_MODEL, "serving skops models needs skops: pip install hivenode[sklearn]"
+            Code.UNSUPPORTED_MODEL, "serving skops models needs skops (hivenode[sklearn])"
         ) from exc
     from hivenode.models.pickle_allowlist import is_allowed
 
@@ -219,7 +218,7 @@ def _load_skops(version: ModelVersion, path: Path) -> LoadedModel:
     features = getattr(estimator, "n_features_in_", None)
     if not isinstance(features, int):
         raise InferenceError(
-            Code.UNSUPPORTED_MODEL, f"{version.spec}: the estimator is not fitted (no n_features_in_)"
+            Code.UNSUPPORTED_MODEL, f"{version.spec}: not a fitted estimator (no n_features_in_)"
         )
     method = getattr(estimator, "predict_proba", None) or estimator.predict
 
@@ -240,10 +239,10 @@ def _load_skops(version: ModelVersion, path: Path) -> LoadedModel:
 
 def _load_onnx(version: ModelVersion, path: Path) -> LoadedModel:
     try:
-        import onnxruntime as ort
+        import onnxruntime as ort  # type: ignore[import-untyped]
     except ImportError as exc:
         raise InferenceError(
-            Code.UNSUPPORTED_MODEL, "serving ONNX models needs onnxruntime: pip install hivenode[onnx]"
+            Code.UNSUPPORTED_MODEL, "serving ONNX models needs onnxruntime (hivenode[onnx])"
         ) from exc
     options = ort.SessionOptions()
     options.log_severity_level = 3

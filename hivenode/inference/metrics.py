@@ -23,6 +23,7 @@ a quantile read back with linear interpolation is off by a few percent at most (
 decade-ish ladder like Prometheus' default is off by up to 2× near 10-50 ms)."""
 BATCH_BUCKETS: tuple[float, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 THROUGHPUT_WINDOW_S = 60.0
+MIN_THROUGHPUT_SPAN_S = 1.0
 OK = "ok"
 
 
@@ -95,6 +96,7 @@ class InferenceMetrics:
             registry=registry,
         )
         self._completions: dict[tuple[str, str], deque[float]] = {}
+        self._first_completion: dict[tuple[str, str], float] = {}
 
     def record_request(self, model: str, worker: str, outcome: str, seconds: float) -> None:
         """One routed attempt; `outcome` is OK or an error code."""
@@ -103,6 +105,7 @@ class InferenceMetrics:
             self.request_seconds.labels(model=model, worker=worker).observe(seconds)
             window = self._completions.setdefault((model, worker), deque())
             now = time.monotonic()
+            self._first_completion.setdefault((model, worker), now)
             window.append(now)
             while window and window[0] < now - THROUGHPUT_WINDOW_S:
                 window.popleft()
@@ -128,11 +131,14 @@ class InferenceMetrics:
                     buckets[_bucket_index(labels["le"])] += sample.value
         counts = _per_bucket(buckets)
         now = time.monotonic()
+        keys = [k for k in self._completions if k[0] == model and worker in (None, k[1])]
         recent = sum(
-            sum(1 for t in window if t >= now - THROUGHPUT_WINDOW_S)
-            for (m, w), window in self._completions.items()
-            if m == model and (worker is None or w == worker)
+            sum(1 for t in self._completions[k] if t >= now - THROUGHPUT_WINDOW_S) for k in keys
         )
+        # over the window, or since the first answer when that is more recent (a fresh node
+        # that answered 100 requests in 2 s serves 50/s, not 100/60)
+        since = min((self._first_completion[k] for k in keys), default=now)
+        span = max(MIN_THROUGHPUT_SPAN_S, min(THROUGHPUT_WINDOW_S, now - since))
 
         def ms(q: float) -> float | None:
             value = bucket_quantile(LATENCY_BUCKETS_S, counts, q)
@@ -145,7 +151,7 @@ class InferenceMetrics:
             p50_ms=ms(0.50),
             p95_ms=ms(0.95),
             p99_ms=ms(0.99),
-            throughput_rps=round(recent / THROUGHPUT_WINDOW_S, 3),
+            throughput_rps=round(recent / span, 3),
         )
 
     def workers_of(self, model: str) -> list[str]:
@@ -153,9 +159,9 @@ class InferenceMetrics:
         found = set()
         for metric in self.registry.collect():
             for sample in metric.samples:
-                if sample.name == "hivenode_inference_requests_total":
-                    if sample.labels.get("model") == model:
-                        found.add(sample.labels["worker"])
+                named = sample.name == "hivenode_inference_requests_total"
+                if named and sample.labels.get("model") == model:
+                    found.add(sample.labels["worker"])
         return sorted(found)
 
 

@@ -53,6 +53,10 @@ class LoadedModel:
     validate: Callable[[NDArray], None] | None = None
     """Model-specific checks on a prepared input (token ids within the vocabulary...)."""
     weights_bytes: int = 0
+    module: Any = None
+    """The framework's own model object (a torch module), for variants made from it."""
+    variant: str = "as loaded"
+    """How this copy differs from the registry's: `as loaded`, `int8`, `onnx`."""
 
     def prepare(self, array: NDArray) -> NDArray:
         """`array` checked against the signature and cast to its dtype: a batch the model

@@ -14,11 +14,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from hivenode.inference.errors import Code, InferenceError
+from hivenode.protocol.ids import DEPLOY_PROTOCOL as DEPLOY_PROTOCOL
+from hivenode.protocol.ids import INFER_PROTOCOL as INFER_PROTOCOL
 from hivenode.protocol.limits import Limits
 from hivenode.protocol.message import Message
 
-INFER_PROTOCOL = "/hivenode/infer/1.0.0"
-"""Moves to protocol/ids.py (the names peers agree on) when the lead applies it."""
 INFER_METHOD = "infer"
 INFER_LIMITS = Limits(max_header_bytes=64 * 1024, max_tensors=16, max_total_bytes=64 * 1024**2)
 """An input or output of up to 64 MiB: a batch of images, not a dataset."""
@@ -82,3 +82,20 @@ class InferReply:
             compute_ms=number("compute_ms"),
             batch=int(number("batch")),
         )
+
+
+def name_of(model: str) -> str:
+    """`mlp@2` → `mlp`."""
+    return model.partition("@")[0]
+
+
+def matches_spec(requested: str, spec: str) -> bool:
+    """Does a served NAME@VERSION answer a request for `requested`? `mlp` asks for whatever
+    version is served, `mlp@2` for that version only."""
+    if "@" in requested:
+        return requested == spec
+    return name_of(spec) == requested
+
+
+DEPLOY_METHOD = "deploy"
+UNDEPLOY_METHOD = "undeploy"

@@ -13,10 +13,12 @@ Faults, all decided from what every survivor sees alike, so replicas stay identi
 - a contributor that has not sent its part `peer_timeout` seconds after the part's first
   contribution, or whose stream to us failed this step, is left out; the part is the
   weighted average of the others (the weights re-normalised);
+- a contributor whose connection to the reducer closes is given up at once;
 - a reducer that fails (stream error, no reply in `reply_timeout`) is replaced: each peer
-  that lacked its part sends the part to the next peer in group order (attempt 1, 2, ...),
-  which reduces it again from the survivors, or hands out the failed reducer's result when
-  it already got it;
+  that lacks its part first asks the others whether the reducer answered them before it
+  failed (each answers once its own try is over, so all use that result or none does);
+  if none has it, the part goes to the next peer in group order (attempt 1, 2, ...), which
+  reduces it again from the survivors;
 - replies name who was counted and which joiners the contributions announced; every peer
   derives the next step's group from the same replies: the peers counted in every part,
   then the joiners. A peer left out must rejoin (download the state) before it takes part
@@ -31,7 +33,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,23 +42,26 @@ import trio
 
 from hivenode.agent.errors import RpcError
 from hivenode.agent.node import Node
-from hivenode.agent.rpc import Reply, StreamPool
+from hivenode.agent.rpc import OK, Reply, StreamPool
 from hivenode.parallel import wire
 from hivenode.parallel.compression import Compression, Vector, decode, encode
-from hivenode.parallel.errors import ParallelError
+from hivenode.parallel.errors import ParallelError, first_error
 from hivenode.parallel.parts import part_bounds
+from hivenode.parallel.reducer import Contribution, PartResult, Reductions
 from hivenode.parallel.router import ParallelRouter
-from hivenode.parallel.wire import ALLREDUCE_PROTOCOL
 from hivenode.protocol.errors import ProtocolError
+from hivenode.protocol.ids import ALLREDUCE_PROTOCOL
 from hivenode.protocol.message import Message, encode_message
 
 log = logging.getLogger(__name__)
 
 REDUCE = "reduce"
+FETCH = "fetch"
+HELLO = "hello"
 KEEP_STEPS = 2
 """Results of this many recent steps are kept for peers that recover a part late."""
-MAX_OPEN_ROUNDS = 4096
-"""Rounds a peer may make us hold at once; more is refused (a hostile peer cannot balloon us)."""
+TRAFFIC_STEPS_KEPT = 10_000
+"""Per-step traffic counts kept for reports."""
 CLOSE_GRACE_S = 2.0
 """How long closing waits for replies still being written to peers."""
 
@@ -80,17 +84,6 @@ class AllReduceConfig:
 
 
 @dataclass(frozen=True)
-class PartResult:
-    """One part averaged by its reducer, as every peer receives it."""
-
-    values: Vector
-    tensors: tuple[np.ndarray[Any, Any], ...]
-    contributors: tuple[str, ...]
-    joiners: tuple[str, ...]
-    weight: float
-
-
-@dataclass(frozen=True)
 class StepResult:
     step: int
     average: Vector
@@ -108,29 +101,6 @@ class StepResult:
     seconds: float
     recovered_parts: int
     """Parts whose first reducer failed and that a backup reduced."""
-
-
-@dataclass
-class _Contribution:
-    weight: float
-    values: Vector
-    digest: str
-    joiners: tuple[str, ...]
-
-
-@dataclass
-class _Round:
-    """The reduction of one part, at one attempt, of one step, on its reducer."""
-
-    step: int
-    part: int
-    attempt: int
-    group: tuple[str, ...]
-    expected: frozenset[str]
-    deadline: float
-    contributions: dict[str, _Contribution] = field(default_factory=dict)
-    done: trio.Event = field(default_factory=trio.Event)
-    result: PartResult | None = None
 
 
 @dataclass
@@ -169,12 +139,14 @@ class Averager:
         self.completed_step = -1
         self._router = router
         self._pool = StreamPool(node.swarm.host, ALLREDUCE_PROTOCOL)
-        self._rounds: dict[tuple[int, int, int], _Round] = {}
-        self._settled: dict[tuple[int, int], PartResult] = {}
-        self._suspects: set[str] = set()
+        self._reductions = Reductions(
+            job_id, config.peer_timeout, config.compression, self._connected
+        )
         self._pending_joiners: set[str] = set()
         self._admissions: dict[str, _Admission] = {}
         self._serving = 0
+        self.traffic: dict[int, list[int]] = {}
+        """step → [bytes sent, bytes received] by this peer in both roles, headers included."""
         router.attach(ALLREDUCE_PROTOCOL, job_id, self._serve)
 
     async def aclose(self) -> None:
@@ -185,6 +157,26 @@ class Averager:
         self._router.detach(ALLREDUCE_PROTOCOL, self.job_id)
         await self._pool.aclose()
 
+    async def warm_up(self) -> None:
+        """Open the streams to the group before the first step, so that its deadlines are
+        not spent dialling (a Noise handshake costs a loaded loop a few hundred ms)."""
+
+        async def hello(peer: str) -> None:
+            try:
+                self.node.make_dialable(peer)
+                await self._pool.request(
+                    peer, HELLO, {"job": self.job_id}, timeout=self.config.reply_timeout
+                )
+                self._reductions.seen_connected.add(peer)
+            except RpcError as exc:  # the first step decides what to do about it
+                log.info("job %s: %s did not answer before the first step: %s",
+                         self.job_id, peer, exc)  # fmt: skip
+
+        async with trio.open_nursery() as nursery:
+            for peer in self.group:
+                if peer != self.peer_id:
+                    nursery.start_soon(hello, peer)
+
     # --- the step ------------------------------------------------------------------------
 
     async def allreduce(
@@ -193,21 +185,26 @@ class Averager:
         """The weighted average of every group member's `values` for `step`."""
         if self.peer_id not in self.group:
             raise ParallelError(f"{self.peer_id} is not in the group of job {self.job_id}")
+        if not self.node.running:
+            raise ParallelError(f"the node of job {self.job_id} has stopped")
         if values.shape != (self.size,) or values.dtype != np.float32:
             raise ParallelError(f"expected {self.size} float32 values, got {values.shape}")
         started = time.perf_counter()
         group = self.group
-        bounds = part_bounds(self.size, group, self.config.bandwidths)
-        self._suspects = set()
+        bounds = self._bounds(group)
+        self._reductions.new_step()
         announced = tuple(sorted(self._pending_joiners))
-        mine = _Contribution(weight, values, digest, announced)
+        mine = Contribution(weight, values, digest, announced)
         results: list[PartResult | None] = [None] * len(group)
         traffic = _Traffic()
-        async with trio.open_nursery() as nursery:
-            for part in range(len(group)):
-                nursery.start_soon(
-                    self._resolve, step, part, group, bounds[part], mine, results, traffic
-                )
+        try:
+            async with trio.open_nursery() as nursery:
+                for part in range(len(group)):
+                    nursery.start_soon(
+                        self._resolve, step, part, group, bounds[part], mine, results, traffic
+                    )
+        except* ParallelError as errors:
+            raise first_error(errors) from None
         if any(result is None for result in results):
             missing = [i for i, result in enumerate(results) if result is None]
             raise ParallelError(f"step {step}: no peer of the group could reduce parts {missing}")
@@ -243,31 +240,93 @@ class Averager:
         step: int,
         part: int,
         group: tuple[str, ...],
-        bounds: tuple[int, int],
-        mine: _Contribution,
+        bounds: range,
+        mine: Contribution,
         results: list[PartResult | None],
         traffic: _Traffic,
     ) -> None:
         """Get part `part` reduced: by its owner, else by the next peers in group order."""
-        start, end = bounds
-        share = _Contribution(mine.weight, mine.values[start:end], mine.digest, mine.joiners)
-        for attempt in range(len(group)):
-            owner = group[(part + attempt) % len(group)]
-            if owner in self._suspects:
-                continue
-            if owner == self.peer_id:
-                result = await self._reduce_locally(step, part, attempt, group, share)
-            else:
-                result = await self._send(step, part, attempt, group, owner, share, traffic)
+        start, end = bounds.start, bounds.stop
+        if start == end:  # the owner reduces nothing: nobody is left out of an empty part
+            results[part] = PartResult(mine.values[:0], (), group, (), mine.weight)
+            return
+        share = Contribution(mine.weight, mine.values[start:end], mine.digest, mine.joiners)
+        result: PartResult | None = None
+        if group[part] not in self._reductions.suspects:
+            result = await self._try(step, part, 0, group, share, traffic)
+        if result is not None:
+            self._reductions.settle(step, part, result)
+        self._reductions.first_try(step, part).set()
+        if result is None:  # did the reducer answer others before it failed?
+            result = await self._fetch(step, part, group, traffic)
             if result is not None:
-                results[part] = result
-                traffic.recovered += attempt > 0
-                self._settle(step, part, result)
-                await self._part_resolved(step, part, owner)
-                return
+                self._reductions.settle(step, part, result)
+        for attempt in range(1, len(group)):
+            if result is not None:
+                break
+            result = await self._try(step, part, attempt, group, share, traffic)
+            if result is not None:
+                traffic.recovered += 1
+                self._reductions.settle(step, part, result)
+        if result is not None:
+            results[part] = result
 
-    async def _part_resolved(self, step: int, part: int, owner: str) -> None:
-        """Called as each part arrives; fault-injecting subclasses stop the peer here."""
+    async def _try(
+        self,
+        step: int,
+        part: int,
+        attempt: int,
+        group: tuple[str, ...],
+        share: Contribution,
+        traffic: _Traffic,
+    ) -> PartResult | None:
+        owner = group[(part + attempt) % len(group)]
+        if owner == self.peer_id:
+            return await self._reduce_locally(step, part, attempt, group, share)
+        if owner in self._reductions.suspects or not self.node.running:
+            return None
+        return await self._send(step, part, attempt, group, owner, share, traffic)
+
+    async def _fetch(
+        self, step: int, part: int, group: tuple[str, ...], traffic: _Traffic
+    ) -> PartResult | None:
+        """The part as its failed reducer gave it to another peer, if it did: every peer
+        that lacks it asks the others before reducing it again, and each answers once its
+        own first try is over, so either all peers use the reducer's result or none does."""
+        if not self.node.running:
+            return None
+        peers = [
+            p for p in group if p not in (self.peer_id, group[part], *self._reductions.suspects)
+        ]
+        found: list[PartResult] = []
+        size = len(self._bounds(group)[part])
+
+        async def ask(peer: str, cancel: trio.CancelScope) -> None:
+            body = {"job": self.job_id, "step": step, "part": part}
+            try:
+                reply = await self._pool.request(
+                    peer, FETCH, body, timeout=self.config.reply_timeout
+                )
+                sent = wire_size(FETCH, self.peer_id, body, ())
+                traffic.sent += sent
+                received = sum(len(p) for p in encode_message(reply))
+                traffic.received += received
+                self._count(step, sent, received)
+                if reply.body.get("have") is True:
+                    found.append(self._part_from_reply(reply, size))
+                    cancel.cancel()
+            except (RpcError, ProtocolError) as exc:
+                log.info("job %s step %d: %s did not say whether it holds part %d: %s",
+                         self.job_id, step, peer, part, exc)  # fmt: skip
+                self._reductions.suspect(peer)
+
+        async with trio.open_nursery() as nursery:
+            for peer in peers:
+                nursery.start_soon(ask, peer, nursery.cancel_scope)
+        return found[0] if found else None
+
+    def _bounds(self, group: tuple[str, ...]) -> list[range]:
+        return [range(a, b) for a, b in part_bounds(self.size, group, self.config.bandwidths)]
 
     async def _send(
         self,
@@ -276,7 +335,7 @@ class Averager:
         attempt: int,
         group: tuple[str, ...],
         owner: str,
-        share: _Contribution,
+        share: Contribution,
         traffic: _Traffic,
     ) -> PartResult | None:
         tensors = encode(share.values, self.config.compression)
@@ -295,13 +354,17 @@ class Averager:
             reply = await self._pool.request(
                 owner, REDUCE, body, timeout=self.config.reply_timeout, tensors=tensors
             )
-            traffic.sent += wire_size(REDUCE, body, tensors)
-            traffic.received += sum(len(p) for p in encode_message(reply))
+            self._reductions.seen_connected.add(owner)
+            sent = wire_size(REDUCE, self.peer_id, body, tensors)
+            received = sum(len(p) for p in encode_message(reply))
+            traffic.sent += sent
+            traffic.received += received
+            self._count(step, sent, received)
             return self._part_from_reply(reply, len(share.values))
         except (RpcError, ProtocolError) as exc:
             log.info("job %s step %d: reducer %s of part %d failed: %s", self.job_id, step,
                      owner, part, exc)  # fmt: skip
-            self._suspect(owner)
+            self._reductions.suspect(owner)
             return None
 
     def _part_from_reply(self, reply: Message, size: int) -> PartResult:
@@ -316,26 +379,56 @@ class Averager:
         )
 
     async def _reduce_locally(
-        self, step: int, part: int, attempt: int, group: tuple[str, ...], share: _Contribution
+        self, step: int, part: int, attempt: int, group: tuple[str, ...], share: Contribution
     ) -> PartResult | None:
-        round_ = self._round(step, part, attempt, group)
+        round_ = self._reductions.round(step, part, attempt, group)
         if round_ is None:
             raise ParallelError(
                 f"step {step}: peers disagree on the group of job {self.job_id}; rejoin"
             )
-        self._add(round_, self.peer_id, share)
-        return await self._result_of(round_)
+        self._reductions.add(round_, self.peer_id, share)
+        return await self._reductions.result_of(round_)
 
     # --- reducing ------------------------------------------------------------------------
 
     async def _serve(self, request: Message, caller: str) -> Reply:
-        if request.type != REDUCE:
-            raise RpcError("unknown_method", f"expected {REDUCE!r}, got {request.type!r}")
+        if request.type not in (REDUCE, FETCH, HELLO):
+            raise RpcError("unknown_method", f"expected {REDUCE!r} or {FETCH!r}: {request.type!r}")
         self._serving += 1
+        self._reductions.seen_connected.add(caller)
         try:
+            if request.type == HELLO:
+                return Reply(body={})
+            if request.type == FETCH:
+                return await self._serve_fetch(request, caller)
             return await self._serve_reduce(request, caller)
         finally:
             self._serving -= 1
+
+    async def _serve_fetch(self, request: Message, caller: str) -> Reply:
+        """Our result of a part whose reducer failed for the caller, once our own first
+        try at it is over; `have: false` when we have none either."""
+        step = wire.field(request.body, "step", int)
+        part = wire.field(request.body, "part", int)
+        if step <= self.completed_step - KEEP_STEPS:
+            raise RpcError("stale_step", f"step {step} is over (we are at {self.completed_step})")
+        with trio.move_on_after(self.config.reply_timeout):
+            await self._reductions.first_try(step, part).wait()
+        settled = self._reductions.settled.get((step, part))
+        if settled is None:
+            return Reply(body={"have": False})
+        body = self._reply_body(settled)
+        body["have"] = True
+        self._count(step, wire_size(OK, self.peer_id, body, settled.tensors), 0)
+        return Reply(body=body, tensors=settled.tensors)
+
+    @staticmethod
+    def _reply_body(result: PartResult) -> dict[str, Any]:
+        return {
+            "contributors": list(result.contributors),
+            "joiners": list(result.joiners),
+            "weight": result.weight,
+        }
 
     async def _serve_reduce(self, request: Message, caller: str) -> Reply:
         body = request.body
@@ -354,113 +447,38 @@ class Averager:
             raise RpcError("stale_step", f"step {step} is over (we are at {self.completed_step})")
         if not math.isfinite(weight) or weight < 0:
             raise ProtocolError(f"weight must be finite and ≥ 0, got {weight}")
-        settled = self._settled.get((step, part))
+        settled = self._reductions.settled.get((step, part))
         if settled is None or attempt == 0:
-            start, end = part_bounds(self.size, group, self.config.bandwidths)[part]
-            values = decode(request.tensors, self.config.compression, end - start)
+            size = len(self._bounds(group)[part])
+            values = decode(request.tensors, self.config.compression, size)
             if not np.isfinite(values).all():
                 raise RpcError("not_finite", "the contribution holds NaN or infinite values")
-            round_ = self._round(step, part, attempt, group)
+            round_ = self._reductions.round(step, part, attempt, group)
             if round_ is None:
                 raise RpcError("group_mismatch", f"step {step} began with another group here")
-            self._add(round_, caller, _Contribution(weight, values, digest, joiners))
-            settled = await self._result_of(round_)
+            self._reductions.add(round_, caller, Contribution(weight, values, digest, joiners))
+            settled = await self._reductions.result_of(round_)
         if settled is None:
             raise RpcError("no_result", f"part {part} of step {step} has no contribution")
-        return Reply(
-            body={
-                "contributors": list(settled.contributors),
-                "joiners": list(settled.joiners),
-                "weight": settled.weight,
-            },
-            tensors=settled.tensors,
+        reply_body = self._reply_body(settled)
+        self._count(
+            step,
+            wire_size(OK, self.peer_id, reply_body, settled.tensors),
+            wire_size(REDUCE, caller, body, request.tensors),
         )
+        return Reply(body=reply_body, tensors=settled.tensors)
 
-    def _round(
-        self, step: int, part: int, attempt: int, group: tuple[str, ...]
-    ) -> _Round | None:
-        """The round for this key (created on first use); None when it began with another
-        group."""
-        key = (step, part, attempt)
-        round_ = self._rounds.get(key)
-        if round_ is None:
-            if len(self._rounds) >= MAX_OPEN_ROUNDS:
-                raise RpcError("busy", "too many parts in flight")
-            # reducers of earlier attempts failed: nobody waits for their contributions
-            skipped = {group[(part + a) % len(group)] for a in range(attempt)}
-            round_ = _Round(
-                step,
-                part,
-                attempt,
-                group,
-                frozenset(group) - skipped,
-                trio.current_time() + self.config.peer_timeout,
-            )
-            self._rounds[key] = round_
-        elif round_.group != group:
-            return None
-        return round_
-
-    def _add(self, round_: _Round, peer: str, contribution: _Contribution) -> None:
-        if round_.done.is_set():
-            return  # too late: the reply tells the peer it was not counted
-        round_.contributions[peer] = contribution
-        self._maybe_finish(round_)
-
-    def _maybe_finish(self, round_: _Round) -> None:
-        waiting = round_.expected - self._suspects - round_.contributions.keys()
-        if not waiting:
-            self._finish(round_)
-
-    async def _result_of(self, round_: _Round) -> PartResult | None:
-        with trio.move_on_at(round_.deadline):
-            await round_.done.wait()
-        self._finish(round_)
-        return round_.result
-
-    def _finish(self, round_: _Round) -> None:
-        if round_.done.is_set():
-            return
-        if round_.contributions:
-            round_.result = self._reduce(round_)
-        round_.done.set()
-
-    def _reduce(self, round_: _Round) -> PartResult:
-        counted = _majority(round_.contributions)
-        order = [p for p in round_.group if p in counted]
-        total = sum(counted[p].weight for p in order)
-        size = len(counted[order[0]].values)
-        accumulator = np.zeros(size, dtype=np.float64)
-        for peer in order:
-            scale = counted[peer].weight if total > 0 else 1.0
-            accumulator += counted[peer].values.astype(np.float64) * scale
-        mean = (accumulator / (total if total > 0 else len(order))).astype(np.float32)
-        tensors = encode(mean, self.config.compression)
-        # decode what we send: this replica must apply exactly what the others receive
-        values = decode(tensors, self.config.compression, size)
-        joiners = sorted({j for p in order for j in counted[p].joiners})
-        return PartResult(values, tensors, tuple(order), tuple(joiners), total)
-
-    def _settle(self, step: int, part: int, result: PartResult) -> None:
-        """The part's result is known here: recovery rounds we host for it hand this one
-        out (the failed reducer reached us before it failed: others may hold it too)."""
-        self._settled[(step, part)] = result
-        for (s, p, attempt), round_ in self._rounds.items():
-            if s == step and p == part and attempt > 0 and not round_.done.is_set():
-                round_.result = result
-                round_.done.set()
-
-    def _suspect(self, peer: str) -> None:
-        """Its stream failed: no round of this step waits for it any longer."""
-        self._suspects.add(peer)
-        for round_ in list(self._rounds.values()):
-            if not round_.done.is_set():
-                self._maybe_finish(round_)
+    def _count(self, step: int, sent: int, received: int) -> None:
+        counts = self.traffic.setdefault(step, [0, 0])
+        counts[0] += sent
+        counts[1] += received
 
     def _forget(self, step: int) -> None:
-        horizon = step - KEEP_STEPS + 1
-        self._rounds = {k: r for k, r in self._rounds.items() if k[0] >= horizon}
-        self._settled = {k: r for k, r in self._settled.items() if k[0] >= horizon}
+        self._reductions.forget_before(step - KEEP_STEPS + 1)
+        self.traffic.pop(step - TRAFFIC_STEPS_KEPT, None)
+
+    def _connected(self) -> set[str] | None:
+        return set(self.node.connected_peers()) if self.node.running else None
 
     # --- joining -------------------------------------------------------------------------
 
@@ -496,16 +514,11 @@ class Averager:
                 admission.done.set()
 
 
-def _majority(contributions: Mapping[str, _Contribution]) -> dict[str, _Contribution]:
-    """The contributions of the most common parameter digest (ties: the smallest digest)."""
-    counts = Counter(c.digest for c in contributions.values())
-    best = min(counts, key=lambda digest: (-counts[digest], digest))
-    return {peer: c for peer, c in contributions.items() if c.digest == best}
-
-
-def wire_size(method: str, body: Mapping[str, Any], tensors: tuple[np.ndarray[Any, Any], ...]) -> int:
+def wire_size(
+    method: str, sender: str, body: Mapping[str, Any], tensors: tuple[np.ndarray[Any, Any], ...]
+) -> int:
     """Bytes a request takes on the stream (its request id at its widest)."""
-    message = Message(method, 2**31, "", body, tensors)
+    message = Message(method, 2**31, sender, body, tensors)
     return sum(len(part) for part in encode_message(message))
 
 

@@ -47,7 +47,9 @@ def encode(values: Vector, compression: Compression) -> tuple[np.ndarray[Any, An
     return _encode_int8(values)
 
 
-def decode(tensors: tuple[np.ndarray[Any, Any], ...], compression: Compression, size: int) -> Vector:
+def decode(
+    tensors: tuple[np.ndarray[Any, Any], ...], compression: Compression, size: int
+) -> Vector:
     """The float32 vector of `size` values the tensors carry; ProtocolError when they cannot."""
     if compression is Compression.INT8:
         return _decode_int8(tensors, size)

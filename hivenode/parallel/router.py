@@ -30,8 +30,9 @@ Endpoint = Callable[[Message, str], Awaitable[Reply | Mapping[str, Any]]]
 class ParallelRouter:
     """Create before `node.run()`: it registers the parallel protocols on `node`."""
 
-    def __init__(self, node: Node) -> None:
+    def __init__(self, node: Node, attach_wait: float = ATTACH_WAIT_S) -> None:
         self.node = node
+        self.attach_wait = attach_wait
         self._endpoints: dict[tuple[str, str], Endpoint] = {}
         self._attached = trio.Event()
         for protocol_id in PROTOCOLS:
@@ -60,7 +61,7 @@ class ParallelRouter:
         return handle
 
     async def _wait_for(self, protocol_id: str, job_id: str) -> Endpoint:
-        with trio.move_on_after(ATTACH_WAIT_S):
+        with trio.move_on_after(self.attach_wait):
             while (protocol_id, job_id) not in self._endpoints:
                 await self._attached.wait()
         endpoint = self._endpoints.get((protocol_id, job_id))

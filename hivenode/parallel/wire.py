@@ -10,14 +10,7 @@ from collections.abc import Mapping
 from typing import Any, Final, TypeVar
 
 from hivenode.protocol.errors import ProtocolError
-
-ALLREDUCE_PROTOCOL: Final = "/hivenode/allreduce/1.0.0"
-"""One peer's share of a gradient to the peer that reduces that part; the reply is the part
-averaged over every contributor."""
-DP_STATE_PROTOCOL: Final = "/hivenode/dp-state/1.0.0"
-"""A late joiner asks a replica to admit it; the reply is the replica's state once admitted."""
-PIPELINE_PROTOCOL: Final = "/hivenode/pipeline/1.0.0"
-"""Activations to the next stage, gradients back to the previous one."""
+from hivenode.protocol.ids import ALLREDUCE_PROTOCOL, DP_STATE_PROTOCOL, PIPELINE_PROTOCOL
 
 PROTOCOLS: Final = (ALLREDUCE_PROTOCOL, DP_STATE_PROTOCOL, PIPELINE_PROTOCOL)
 

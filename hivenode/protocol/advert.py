@@ -56,6 +56,8 @@ class Load(WireModel):
     load_avg: tuple[float, float, float] = (0.0, 0.0, 0.0)
     memory_percent: float = 0.0
     running_tasks: int = 0
+    inference_queue: int = 0
+    """Inference requests waiting at this worker, all models together."""
 
 
 class DatasetInfo(WireModel):

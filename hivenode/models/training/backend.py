@@ -29,6 +29,13 @@ _MODULES = {
 }
 
 
+MODEL_SPEC_KEY = "hivenode-model"
+"""safetensors metadata of a job's model: its ModelSpec as JSON."""
+INPUT_SHAPE_KEY = "hivenode-input-shape"
+"""safetensors metadata: the per-sample input shape, a JSON list (what serving takes)."""
+NUM_CLASSES_KEY = "hivenode-num-classes"
+
+
 class TrainingError(Exception):
     """A spec, data or arrays that cannot be trained; the message says which and why."""
 

@@ -1,0 +1,308 @@
+"""`hivenode sim parallel`: data-, pipeline- or model-parallel training on real nodes on
+127.0.0.1, timed, and checked against the same training on one node.
+
+Every node is a real libp2p host in this process (one trio loop), training on a seeded
+synthetic task (Gaussian features labelled by a random linear teacher). The single-node
+reference trains the same model from the same initial weights on the same batches.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import trio
+
+from hivenode.parallel.allreduce import AllReduceConfig, theoretical_bytes_per_peer
+from hivenode.parallel.compression import Compression
+from hivenode.parallel.errors import ParallelError
+from hivenode.parallel.faults import Fault, faulty_averager
+from hivenode.parallel.local_nodes import LocalNode, LocalNodes, local_nodes
+
+MODES = ("data", "pipeline", "model")
+EQUIVALENCE_TOLERANCE = 1e-5
+"""float32 training on one node and on several agree to this after the run."""
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    mode: str = "data"
+    nodes: int = 4
+    seed: int = 0
+    steps: int = 50
+    batch_size: int = 32
+    """Data: each replica's batch (the single node's is nodes × this); pipeline and model:
+    the whole batch."""
+    micro_batches: int = 4
+    """Pipeline only; model parallelism is one micro-batch."""
+    hidden: tuple[int, ...] = ()
+    """MLP widths; empty: 2 × 256 for data, nodes × 256 for pipeline/model (a layer each)."""
+    features: int = 64
+    classes: int = 10
+    samples: int = 4096
+    lr: float = 0.05
+    momentum: float = 0.9
+    compression: Compression = Compression.NONE
+    peer_timeout: float = 10.0
+    fault: Fault | None = None
+    """Data only: the last replica fails this way at `fault_step`."""
+    fault_step: int = 10
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ParallelError(f"mode must be one of {', '.join(MODES)}, not {self.mode!r}")
+        if self.nodes < 2 if self.mode == "data" else self.nodes < 1:
+            raise ParallelError(f"{self.mode} parallelism needs more nodes than {self.nodes}")
+        if self.fault is not None and (self.mode != "data" or self.nodes < 3):
+            raise ParallelError("faults are simulated for data parallelism on 3 or more nodes")
+        if self.fault is not None and not 0 < self.fault_step < self.steps - 1:
+            raise ParallelError(f"the fault step must lie inside the {self.steps} steps")
+        if self.steps < 2 or self.batch_size < 1:
+            raise ParallelError("need at least 2 steps and a batch of at least 1")
+
+    @property
+    def widths(self) -> tuple[int, ...]:
+        if self.hidden:
+            return self.hidden
+        return (256, 256) if self.mode == "data" else (256,) * max(2, self.nodes)
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.nodes if self.mode == "data" else self.batch_size
+
+
+@dataclass
+class SimReport:
+    mode: str
+    nodes: int
+    seed: int
+    steps: int
+    global_batch: int
+    parameters: int
+    samples_per_s: float
+    single_node_samples_per_s: float
+    max_param_diff: float
+    equivalent: bool | None
+    """max_param_diff within EQUIVALENCE_TOLERANCE; None where no equality is expected
+    (lossy compression, a fault)."""
+    replicas_identical: bool | None
+    bytes_per_step: float
+    """Bytes all nodes sent per step together, headers included (median step)."""
+    bytes_per_node_per_step: float
+    theoretical_bytes_per_node: float | None
+    """Data: the all-reduce minimum 2·(n−1)/n of the gradient per peer; None otherwise."""
+    step_ms_p50: float
+    compression: str
+    fault: str | None = None
+    time_lost_s: float | None = None
+    """With a fault: what the failed step and the next (where a death is found out) took
+    beyond the median step."""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def teacher_task(
+    samples: int, features: int, classes: int, seed: int
+) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(samples, features)).astype(np.float32)
+    teacher = rng.normal(size=(features, classes)).astype(np.float32)
+    return x, np.argmax(x @ teacher, axis=1).astype(np.int64)
+
+
+async def run_parallel_sim(config: SimConfig, work_dir: Path | None = None) -> SimReport:
+    """Start the nodes, train, stop them; then train the single-node reference."""
+    from hivenode.parallel.data_parallel import global_batches, train_reference
+    from hivenode.parallel.torch_state import ModelRecipe, SgdConfig
+
+    recipe = ModelRecipe(
+        "mlp", {"hidden": list(config.widths)}, (config.features,), config.classes, config.seed
+    )
+    sgd = SgdConfig(lr=config.lr, momentum=config.momentum)
+    x, y = teacher_task(config.samples, config.features, config.classes, config.seed)
+    with tempfile.TemporaryDirectory(prefix="hivenode-parallel-", dir=work_dir) as tmp:
+        async with local_nodes(Path(tmp)) as swarm:
+            members = [await swarm.start() for _ in range(config.nodes)]
+            if config.mode == "data":
+                report = await _run_data(config, swarm, members, recipe, sgd, x, y)
+            else:
+                report = await _run_pipeline(config, members, recipe, sgd, x, y)
+    reference, seconds = await trio.to_thread.run_sync(
+        train_reference, recipe, sgd, global_batches(x, y, config.global_batch), config.steps
+    )
+    # like the nodes' figure, from the end of the first step on
+    report.single_node_samples_per_s = (config.steps - 1) * config.global_batch / sum(seconds[1:])
+    states = report.extra.pop("states")
+    report.max_param_diff = _max_diff(states, dict(reference.state_dict()))
+    exact = config.compression is Compression.NONE and config.fault is None
+    report.equivalent = report.max_param_diff <= EQUIVALENCE_TOLERANCE if exact else None
+    return report
+
+
+async def _run_data(
+    config: SimConfig,
+    swarm: LocalNodes,
+    members: list[LocalNode],
+    recipe: Any,
+    sgd: Any,
+    x: np.ndarray[Any, Any],
+    y: np.ndarray[Any, Any],
+) -> SimReport:
+    from hivenode.parallel.data_parallel import DataParallelConfig, Replica, replica_batches
+    from hivenode.parallel.torch_state import max_param_diff
+
+    job = DataParallelConfig(
+        f"sim-data-{config.seed}",
+        recipe,
+        sgd,
+        config.steps,
+        AllReduceConfig(config.peer_timeout, config.compression),
+    )
+    group = [m.peer_id for m in members]
+    victim = members[-1] if config.fault is not None else None
+    victim_scope = trio.CancelScope()
+
+    async def fail() -> None:
+        if config.fault is not Fault.HANG and victim is not None:
+            outer.start_soon(swarm.kill, victim)
+        victim_scope.cancel()
+
+    replicas = []
+    for member in members:
+        if member is victim and config.fault is not None:
+            broken = faulty_averager(config.fault, config.fault_step, fail)
+            replicas.append(Replica(member.node, member.router, job, group, averager_class=broken))
+        else:
+            replicas.append(Replica(member.node, member.router, job, group))
+    step_ends: list[float] = []
+
+    async def train(rank: int) -> None:
+        batches = replica_batches(x, y, rank, config.nodes, config.batch_size)
+        if members[rank] is victim:
+            with victim_scope:
+                await replicas[rank].train(batches)
+            return
+        on_step = (lambda _: step_ends.append(time.perf_counter())) if rank == 0 else None
+        await replicas[rank].train(batches, on_step=on_step)
+
+    async with trio.open_nursery() as outer:
+        for rank in range(config.nodes):
+            outer.start_soon(train, rank)
+    survivors = [r for m, r in zip(members, replicas, strict=True) if m is not victim]
+    for replica in survivors:
+        await replica.aclose()
+    first = survivors[0]
+    states = [dict(r.model.state_dict()) for r in survivors]
+    identical = all(max_param_diff(s, states[0]) == 0.0 for s in states[1:])
+    gradient_bytes = first.size * 4
+    steady = range(1, config.steps)
+    sent = [sum(r.averager.traffic.get(s, [0, 0])[0] for r in survivors) for s in steady]
+    per_node = [
+        statistics.median(r.averager.traffic.get(s, [0, 0])[0] for s in steady) for r in survivors
+    ]
+    durations = [r.seconds for r in first.records]
+    report = SimReport(
+        mode="data",
+        nodes=config.nodes,
+        seed=config.seed,
+        steps=config.steps,
+        global_batch=config.global_batch,
+        parameters=first.size,
+        samples_per_s=_throughput(step_ends, config.global_batch),
+        single_node_samples_per_s=0.0,
+        max_param_diff=0.0,
+        equivalent=None,
+        replicas_identical=identical,
+        bytes_per_step=statistics.median(sent),
+        bytes_per_node_per_step=statistics.median(per_node),
+        theoretical_bytes_per_node=theoretical_bytes_per_peer(gradient_bytes, config.nodes),
+        step_ms_p50=statistics.median(durations) * 1000,
+        compression=config.compression.value,
+        fault=config.fault.value if config.fault else None,
+        extra={"states": states[0]},
+    )
+    if config.fault is not None:
+        usual = statistics.median(durations)
+        window = durations[config.fault_step : config.fault_step + 2]
+        report.time_lost_s = sum(d - usual for d in window)
+        report.extra["replicas_after_fault"] = first.records[-1].replicas
+    return report
+
+
+async def _run_pipeline(
+    config: SimConfig,
+    members: list[LocalNode],
+    recipe: Any,
+    sgd: Any,
+    x: np.ndarray[Any, Any],
+    y: np.ndarray[Any, Any],
+) -> SimReport:
+    from hivenode.parallel.data_parallel import global_batches
+    from hivenode.parallel.pipeline import PipelineConfig, Stage, stage_cuts
+    from hivenode.parallel.torch_state import parameter_count
+
+    micro = config.micro_batches if config.mode == "pipeline" else 1
+    if micro > config.batch_size:
+        raise ParallelError(f"{micro} micro-batches need a batch of at least {micro}")
+    job = PipelineConfig(
+        f"sim-{config.mode}-{config.seed}", recipe, sgd, config.steps, micro, config.peer_timeout
+    )
+    cuts = stage_cuts(recipe, config.nodes)
+    peers = [m.peer_id for m in members]
+    stages = [Stage(m.node, m.router, job, peers, i, cuts) for i, m in enumerate(members)]
+    step_ends: list[float] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(
+            lambda: stages[0].train(
+                global_batches(x, y, config.batch_size),
+                on_step=lambda _: step_ends.append(time.perf_counter()),
+            )
+        )
+        for stage in stages[1:]:
+            nursery.start_soon(stage.train)
+    for stage in stages:
+        await stage.aclose()
+    combined: dict[str, Any] = {}
+    for stage in stages:
+        combined.update(stage.state())
+    sent = [sum(s.records[i].bytes_sent for s in stages) for i in range(1, config.steps)]
+    return SimReport(
+        mode=config.mode,
+        nodes=config.nodes,
+        seed=config.seed,
+        steps=config.steps,
+        global_batch=config.global_batch,
+        parameters=parameter_count(recipe.build()),
+        samples_per_s=_throughput(step_ends, config.global_batch),
+        single_node_samples_per_s=0.0,
+        max_param_diff=0.0,
+        equivalent=None,
+        replicas_identical=None,
+        bytes_per_step=statistics.median(sent),
+        bytes_per_node_per_step=statistics.median(sent) / config.nodes,
+        theoretical_bytes_per_node=None,
+        step_ms_p50=statistics.median(r.seconds for r in stages[0].records) * 1000,
+        compression="none",
+        extra={"states": combined, "cuts": cuts, "micro_batches": micro},
+    )
+
+
+def _throughput(step_ends: list[float], batch: int) -> float:
+    """Samples per second from the end of the first step (connections opened, first
+    imports done) to the end of the last."""
+    if len(step_ends) < 2 or step_ends[-1] <= step_ends[0]:
+        return 0.0
+    return (len(step_ends) - 1) * batch / (step_ends[-1] - step_ends[0])
+
+
+def _max_diff(state: dict[str, Any], reference: dict[str, Any]) -> float:
+    from hivenode.parallel.torch_state import max_param_diff
+
+    return max_param_diff(state, reference)
