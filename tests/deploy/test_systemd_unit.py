@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from hivenode.agent.settings import GossipSettings, Settings, load_settings
+from hivenode.agent.settings import GossipSettings, InferenceSettings, Settings, load_settings
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 UNIT = DEPLOY / "hivenode.service"
@@ -142,8 +142,11 @@ def test_example_config_lists_every_key_with_its_default(tmp_path: Path) -> None
     text = uncommented(EXAMPLE_CONFIG.read_text())
     values: dict[str, Any] = tomllib.loads(text)
     gossip = values.pop("gossip")
-    assert set(values) == set(Settings.model_fields) - {"gossip"} - UNSET_IN_EXAMPLE
+    inference = values.pop("inference")
+    tables = {"gossip", "inference"}
+    assert set(values) == set(Settings.model_fields) - tables - UNSET_IN_EXAMPLE
     assert set(gossip) == set(GossipSettings.model_fields)
+    assert set(inference) == set(InferenceSettings.model_fields)
     for key in UNSET_IN_EXAMPLE:
         assert key in EXAMPLE_CONFIG.read_text()
 
