@@ -13,6 +13,7 @@ from typing import Annotated, Any
 
 import typer
 
+from hivenode.cli_chaos import sim_chaos
 from hivenode.cli_common import (
     EXIT_FAILURE,
     EXIT_USAGE,
@@ -64,6 +65,7 @@ models_app.command("stats")(stats_command)
 sim_app.command("fl")(sim_fl)
 sim_app.command("flower-app")(sim_flower_app)
 sim_app.command("learn")(sim_learn)
+sim_app.command("chaos")(sim_chaos)
 sim_app.command("parallel")(sim_parallel)
 app.command("tune")(tune_command)
 app.add_typer(flower_app_app, name="flower-app")

@@ -45,6 +45,15 @@ def sim_fl(
     ] = None,
     deadline: Annotated[float, typer.Option(min=1, help="a round's deadline in seconds")] = 600.0,
     seed: Annotated[int, typer.Option()] = 0,
+    attackers: Annotated[
+        float, typer.Option(min=0, max=1, help="Share of trainers sending attacked updates.")
+    ] = 0.0,
+    attack: Annotated[
+        str, typer.Option(help="sign-flip | scale | nan | inf | random | mixed")
+    ] = "sign-flip",
+    screen: Annotated[
+        bool, typer.Option(help="Screen train updates (finite, norm bound) before aggregating.")
+    ] = True,
     out: Annotated[Path | None, typer.Option(help="write metrics JSON/CSV and a plot here")] = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -55,6 +64,7 @@ def sim_fl(
     from hivenode.models.training.backend import TrainingError
     from hivenode.sim.fl import FlSimConfig, StrategyRun, run_fl_sim, write_results
     from hivenode.sim.fl_datasets import DatasetSpecError
+    from hivenode.sim.hostile import hostile_trainers
 
     if straggler_policy not in (None, "drop", "partial"):
         fail(f"--straggler-policy must be drop or partial, not {straggler_policy!r}", EXIT_USAGE)
@@ -62,6 +72,10 @@ def sim_fl(
         runs = [StrategyRun.parse(s, mu, straggler_policy) for s in strategy.split(",") if s]
     except ValueError as exc:
         fail(f"--strategy: {exc}", EXIT_USAGE)
+    try:
+        hostile_trainers(nodes, attackers, attack)
+    except ValueError as exc:
+        fail(f"--attack: {exc}", EXIT_USAGE)
     config = FlSimConfig(
         nodes=nodes,
         dataset=dataset,
@@ -76,6 +90,9 @@ def sim_fl(
         lr=lr,
         stragglers=stragglers,
         seed=seed,
+        attackers=attackers,
+        attack=attack,
+        screen_updates=screen,
         deadline_s=deadline,
     )
     with _progress(not as_json, [r.label for r in runs], rounds) as on_round:

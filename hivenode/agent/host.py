@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+import trio
 
 from hivenode.agent.settings import GossipSettings
 
@@ -21,6 +24,9 @@ if TYPE_CHECKING:
     from libp2p.crypto.keys import KeyPair
 
 log = logging.getLogger(__name__)
+
+CLOSE_TIMEOUT = 2.0
+"""Seconds a stopping host may spend closing its connections."""
 
 
 @dataclass
@@ -67,7 +73,17 @@ async def running_host(
     addrs = [multiaddr.Multiaddr(a) for a in listen_addrs]
     async with host.run(addrs), background_trio_service(pubsub), background_trio_service(router):
         await pubsub.wait_until_ready()
-        yield SwarmHost(host, pubsub, router)
+        # py-libp2p numbers gossip from the wall clock in seconds, one per message: a node
+        # restarted soon after it published much would reuse numbers its peers still hold as
+        # seen, and they would drop its messages; nanoseconds leave no overlap
+        pubsub.counter = time.time_ns()
+        try:
+            yield SwarmHost(host, pubsub, router)
+        finally:
+            # py-libp2p's shutdown cancels the connections' tasks but leaves their sockets
+            # open: peers would wait on them until their own timeouts, not see us go
+            with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
+                await host.get_network().close()
 
 
 def _hardened_pubsub_class() -> Any:

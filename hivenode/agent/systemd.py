@@ -180,6 +180,7 @@ def configure_logging(level: str, stream: TextIO | None = None) -> logging.Handl
         previous.close()
     root.addHandler(handler)
     root.setLevel(numeric)
+    logging.getLogger("hivenode").setLevel(logging.NOTSET)  # ours follow `level`, as asked
     chatty_level = logging.NOTSET if numeric <= logging.DEBUG else logging.WARNING
     for name in CHATTY_LOGGERS:
         route_library_logger(name, chatty_level)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import trio
-from flwr.app import Error, Message, RecordDict
+from flwr.app import Error, Message, MessageType, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
@@ -31,6 +31,7 @@ from hivenode.agent.errors import RpcError
 from hivenode.agent.flower_wire import decode_flower, encode_flower, node_id_of
 from hivenode.agent.node import Node
 from hivenode.agent.rpc import StreamPool
+from hivenode.aggregator.update_screen import screen_train_replies
 from hivenode.protocol.errors import ProtocolError
 from hivenode.protocol.ids import FL_PROTOCOL
 from hivenode.protocol.message import Message as WireMessage
@@ -39,6 +40,8 @@ log = logging.getLogger(__name__)
 
 STRAGGLER_DROPPED = ErrorCode.REPLY_MESSAGE_UNAVAILABLE
 """The code of the error reply that replaces a straggler's partial work under `drop`."""
+UPDATE_REJECTED = ErrorCode.MOD_FAILED_PRECONDITION
+"""The code of the error reply that replaces a train reply the update screen rejected."""
 CONNECT_GRACE = 5.0
 """Seconds past the round deadline allowed for opening a stream and sending the message."""
 
@@ -62,6 +65,8 @@ class RoundTraffic:
     """The longest time a trainer said it spent in the app (queueing for a worker included)."""
     errors: dict[str, str] = field(default_factory=dict)
     """Peer id → why its reply was an error."""
+    rejected: dict[str, str] = field(default_factory=dict)
+    """Peer id → why the update screen rejected its train reply (no longer in `replied`)."""
     selected: list[int] = field(default_factory=list)
     """Partition ids (the trainers' indexes in the job) the strategy sent messages to."""
 
@@ -93,6 +98,7 @@ class SwarmGrid(Grid):
         seed: int = 0,
         min_available: int = 1,
         short_wait_s: float = 60.0,
+        screen_factor: float | None = None,
     ) -> None:
         self._node = node
         self._address = address
@@ -109,6 +115,8 @@ class SwarmGrid(Grid):
         self._seed = seed
         self._min_available = min_available
         self._short_wait_s = short_wait_s
+        self._screen_factor = screen_factor
+        """None: train replies go to the strategy unscreened; else `update_screen`'s factor."""
         self._short_since: float | None = None
         self._unreachable: set[str] = set()
         """Trainers a send could not reach: skipped until they advertise again."""
@@ -183,9 +191,43 @@ class SwarmGrid(Grid):
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
-        ids = self._from_thread(self._push, list(messages), timeout)
+        sent = list(messages)
+        ids = self._from_thread(self._push, sent, timeout)
         self._from_thread(self._wait, ids, timeout)
-        return self.pull_messages(ids)
+        replies = list(self.pull_messages(ids))
+        if self._screen_factor is None:
+            return replies
+        return self._screen(sent, replies, self._screen_factor)
+
+    def _screen(self, sent: list[Message], replies: list[Message], factor: float) -> list[Message]:
+        """A round's train replies through the update screen (in the strategy's thread: the
+        norms are CPU work); the rejected ones become error replies, counted per peer."""
+        requests = {
+            m.metadata.message_id: m for m in sent if m.metadata.message_type == MessageType.TRAIN
+        }
+        screened = [
+            r for r in replies if not r.has_error() and r.metadata.reply_to_message_id in requests
+        ]
+        if not screened:
+            return replies
+        asked = [requests[r.metadata.reply_to_message_id] for r in screened]
+        verdict = screen_train_replies(
+            [m.content for m in asked], [r.content for r in screened], factor
+        )
+        traffic = self.traffic.setdefault((self.round, MessageType.TRAIN), RoundTraffic())
+        swapped: dict[str, Message] = {}
+        for index, reason in verdict.rejected.items():
+            request = asked[index]
+            peer = self._peers.get(request.metadata.dst_node_id, str(request.metadata.dst_node_id))
+            traffic.replied -= 1
+            traffic.rejected[peer] = reason
+            log.warning(
+                "job %s round %d: rejected %s: %s", self._address.job_id, self.round, peer, reason
+            )
+            swapped[request.metadata.message_id] = Message(
+                Error(UPDATE_REJECTED, f"update rejected: {reason}"), reply_to=request
+            )
+        return [swapped.get(r.metadata.reply_to_message_id, r) for r in replies]
 
     async def aclose(self) -> None:
         """Close the streams to the trainers (the job is over)."""

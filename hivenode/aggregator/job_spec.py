@@ -77,6 +77,17 @@ class JobSpec(_Strict):
     evaluate_fraction: float = Field(1.0, ge=0, le=1)
     deadline_s: float = Field(600.0, gt=0, description="a round's deadline")
     straggler_policy: Literal["drop", "partial"] = "partial"
+    screen_updates: bool = Field(
+        True,
+        description="reject train updates that are not finite or far larger than the round's"
+        " others before the strategy aggregates them",
+    )
+    update_norm_factor: float = Field(
+        10.0,
+        ge=0,
+        description="the screen rejects an update whose norm ‖w_i − w_global‖ exceeds this ×"
+        " the round's median (0: no norm bound, the finiteness check stays)",
+    )
     seed: int = 0
     target_accuracy: float = Field(
         0.9, gt=0, le=1, description="what the planner's reward counts as reaching the goal"

@@ -13,7 +13,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,6 +67,8 @@ class RoundRecord:
     """The slowest trainer's time in train plus in evaluate: the rest is the round's overhead."""
     selected: tuple[int, ...] = ()
     """Partition ids of the trainers sampled for training, as the strategy chose them."""
+    rejected: int = 0
+    """Train replies the update screen rejected (neither participants nor failures)."""
 
     def as_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -93,6 +95,8 @@ class JobResult:
 
 
 RoundCallback = Callable[[RoundRecord], None]
+Replicate = Callable[[Checkpoint], Awaitable[None]]
+"""Hands a round's checkpoint to the job's standbys; the next round waits for it."""
 
 
 @dataclass
@@ -164,8 +168,13 @@ async def run_job(
     *,
     on_round: RoundCallback | None = None,
     trainer_wait_s: float = TRAINER_WAIT_S,
+    replicate: Replicate | None = None,
 ) -> JobResult:
-    """Run `job` to its last round from this node, resuming from `job_dir`'s checkpoint."""
+    """Run `job` to its last round from this node, resuming from `job_dir`'s checkpoint.
+
+    `replicate(checkpoint)` is awaited after every round, before the next one starts: a
+    standby that holds each round when it ends loses no finished round if this node dies
+    (`hivenode.aggregator.replication`). It must not raise; it costs the round its time."""
     started = time.monotonic()
     trainers, info = await wait_for_trainers(node, job, trainer_wait_s)
     _check_same_data(node, job, trainers)
@@ -181,7 +190,7 @@ async def run_job(
     )
     if done < job.rounds:
         arrays = await _run_rounds(
-            node, job, job_dir, trainers, arrays, checkpoint, recorder, on_round
+            node, job, job_dir, trainers, arrays, checkpoint, recorder, on_round, replicate
         )
     model_path = job_dir / "model.safetensors"
     await trio.to_thread.run_sync(_save_model, job, arrays, model_path, info)
@@ -206,6 +215,7 @@ async def _run_rounds(
     checkpoint: Checkpoint | None,
     recorder: _Recorder,
     on_round: RoundCallback | None,
+    replicate: Replicate | None = None,
 ) -> dict[str, NDArray]:
     done = checkpoint.round if checkpoint else 0
     control = checkpoint.control if checkpoint else None
@@ -235,6 +245,7 @@ async def _run_rounds(
             seed=job.seed,
             min_available=job.min_clients,
             short_wait_s=job.deadline_s,
+            screen_factor=job.update_norm_factor if job.screen_updates else None,
         )
         round_started = [time.monotonic()]
 
@@ -256,6 +267,8 @@ async def _run_rounds(
                 [r.as_json() for r in recorder.history],
             )
             trio.from_thread.run_sync(to_writer.send_nowait, (checkpoint, record), trio_token=token)
+            if replicate is not None:
+                trio.from_thread.run(replicate, checkpoint, trio_token=token)
             grid.round = number + 1
             round_started[0] = time.monotonic()
             return None
@@ -321,6 +334,7 @@ def _round_record(
         duration_s=duration_s,
         compute_s=train.compute_s + evaluate.compute_s,
         selected=tuple(sorted(train.selected)),
+        rejected=len(train.rejected),
     )
 
 

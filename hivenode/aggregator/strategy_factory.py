@@ -73,5 +73,9 @@ def build_strategy(
         case "krum":
             return Krum(**common, num_malicious_nodes=options.malicious)
         case "multikrum":
-            return MultiKrum(**common, num_malicious_nodes=options.malicious)
+            # Flower's default keeps 1 update, i.e. Krum; keep the ones not flagged malicious
+            keep = max(1, job.clients_per_round - options.malicious)
+            return MultiKrum(
+                **common, num_malicious_nodes=options.malicious, num_nodes_to_select=keep
+            )
     raise AssertionError(f"unhandled strategy {options.name}")

@@ -26,7 +26,6 @@ from typing import Any
 
 import numpy as np
 from flwr.app import RecordDict
-from flwr.common.constant import ErrorCode
 
 from hivenode.models.flower_arrays import ArrayFormatError, arrayrecord_to_numpy
 
@@ -35,12 +34,8 @@ Arrays = Mapping[str, NDArray]
 Records = Mapping[str, Arrays]
 """ArrayRecord name → array name → array: what a Flower reply's arrays are, as numpy."""
 
-DEFAULT_NORM_FACTOR = 10.0
-"""A reply whose update norm exceeds this × the round's median is rejected."""
 MIN_REPLIES_FOR_NORM = 3
 """With fewer acceptable replies a median says nothing: only the other checks apply."""
-UPDATE_REJECTED = ErrorCode.MOD_FAILED_PRECONDITION
-"""The Flower error code of the error reply that replaces a rejected update."""
 
 
 @dataclass(frozen=True)
@@ -63,7 +58,7 @@ class _Rejected(Exception):
 def screen_updates(
     updates: Sequence[Records],
     references: Sequence[Records],
-    factor: float = DEFAULT_NORM_FACTOR,
+    factor: float,
 ) -> ScreenVerdict:
     """Screen `updates[i]`, the reply to a request holding `references[i]` (see the module).
 
@@ -96,7 +91,7 @@ def screen_updates(
 def screen_train_replies(
     requests: Sequence[RecordDict],
     replies: Sequence[RecordDict],
-    factor: float = DEFAULT_NORM_FACTOR,
+    factor: float,
 ) -> ScreenVerdict:
     """`screen_updates` on Flower contents: `replies[i]` answers `requests[i]`. A reply
     whose arrays cannot be read as numpy (not .npy, object dtype, wrong size) is rejected."""

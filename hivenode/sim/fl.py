@@ -24,12 +24,14 @@ import trio
 from hivenode.agent.hardware import HardwareProbe
 from hivenode.agent.identity import peer_id_of
 from hivenode.agent.node import Node
-from hivenode.agent.trainer import builtin_trainer
+from hivenode.agent.trainer import Trainer, builtin_trainer
 from hivenode.aggregator.job_spec import JobSpec
 from hivenode.aggregator.runner import JobResult, RoundRecord, run_job
 from hivenode.models.datasets import DatasetCatalog
 from hivenode.protocol.advert import Role
+from hivenode.protocol.ids import BUILTIN_APP
 from hivenode.sim.fl_datasets import federated_dataset, save_partition
+from hivenode.sim.hostile import Attack, hostile_app, hostile_trainers
 from hivenode.sim.swarm import quiet_libp2p, sim_settings
 
 log = logging.getLogger(__name__)
@@ -76,6 +78,12 @@ class FlSimConfig:
     deadline_s: float = 600.0
     evaluate_fraction: float = 1.0
     model_options: dict[str, Any] = field(default_factory=dict)
+    attackers: float = 0.0
+    """Share of the trainers that send attacked updates (`hivenode.sim.hostile`): the last ones."""
+    attack: str = "sign-flip"
+    """An `Attack` value, or "mixed" for each in turn."""
+    screen_updates: bool = True
+    """The jobs' update screen (off: hostile updates reach the strategy unchecked)."""
 
 
 @dataclass
@@ -121,7 +129,12 @@ def job_for(config: FlSimConfig, run: StrategyRun, trainers: Sequence[str]) -> J
                 "name": config.model,
                 "options": config.model_options,
             },
-            "strategy": {"name": run.name, "mu": run.mu},
+            "strategy": {
+                "name": run.name,
+                "mu": run.mu,
+                "malicious": round(config.nodes * config.attackers),
+            },
+            "screen_updates": config.screen_updates,
             "train": {
                 "lr": config.lr,
                 "local_epochs": config.local_epochs,
@@ -154,6 +167,7 @@ async def run_fl_sim(
             config.dataset, config.nodes, partition=config.partition, seed=config.seed
         )
     )
+    attacks = hostile_trainers(config.nodes, config.attackers, config.attack)
     with tempfile.TemporaryDirectory(prefix="hivenode-fl-", dir=work_dir) as tmp:
         base = Path(tmp)
         probe = HardwareProbe(base)
@@ -180,6 +194,8 @@ async def run_fl_sim(
                 await trio.to_thread.run_sync(_register_partition, device, state_dir)
                 key_pair = create_new_key_pair()
                 trainer = builtin_trainer(state_dir, peer_id_of(key_pair), limiter)
+                if index - 1 in attacks:
+                    _turn_hostile(trainer, attacks[index - 1], config.seed)
                 node = Node(settings, key_pair, probe, trainer=trainer)
                 await nursery.start(node.run)
                 nodes.append(node)
@@ -217,6 +233,13 @@ def _round_callback(
             faults(record, trainers)
 
     return callback
+
+
+def _turn_hostile(trainer: Trainer, attack: Attack, seed: int) -> None:
+    trainer.apps = {
+        **trainer.apps,
+        BUILTIN_APP: hostile_app(trainer.apps[BUILTIN_APP], attack, seed),
+    }
 
 
 def _one_torch_thread() -> None:

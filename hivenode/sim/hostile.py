@@ -118,7 +118,7 @@ def attacked_array(
             case Attack.INF:
                 result = np.full(value.shape, np.inf)
             case Attack.RANDOM:
-                result = rng.standard_normal(value.shape) * RANDOM_STD
+                result = RANDOM_STD * rng.standard_normal(tuple(value.shape))
         return result.astype(value.dtype)
 
 
@@ -132,7 +132,11 @@ def hostile_trainers(count: int, fraction: float, attack: str) -> dict[int, Atta
     `attack` names one `Attack`, or `mixed` for each of them in turn."""
     if not 0 <= fraction <= 1:
         raise ValueError(f"the attackers' fraction must be in [0, 1], not {fraction}")
-    kinds = list(Attack) if attack.strip().lower() == MIXED else [Attack.parse(attack)]
+    try:
+        kinds = list(Attack) if attack.strip().lower() == MIXED else [Attack.parse(attack)]
+    except ValueError:
+        known = ", ".join([*(kind.value for kind in Attack), MIXED])
+        raise ValueError(f"unknown attack {attack!r}: use one of {known}") from None
     hostile = round(count * fraction)
     first = count - hostile
     return {index: kinds[(index - first) % len(kinds)] for index in range(first, count)}
