@@ -16,17 +16,12 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import trio
-
 from hivenode.agent.settings import GossipSettings
 
 if TYPE_CHECKING:
     from libp2p.crypto.keys import KeyPair
 
 log = logging.getLogger(__name__)
-
-CLOSE_TIMEOUT = 2.0
-"""Seconds a stopping host may spend closing its connections."""
 
 
 @dataclass
@@ -77,13 +72,7 @@ async def running_host(
         # restarted soon after it published much would reuse numbers its peers still hold as
         # seen, and they would drop its messages; nanoseconds leave no overlap
         pubsub.counter = time.time_ns()
-        try:
-            yield SwarmHost(host, pubsub, router)
-        finally:
-            # py-libp2p's shutdown cancels the connections' tasks but leaves their sockets
-            # open: peers would wait on them until their own timeouts, not see us go
-            with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
-                await host.get_network().close()
+        yield SwarmHost(host, pubsub, router)
 
 
 def _hardened_pubsub_class() -> Any:
