@@ -22,7 +22,10 @@ from _common import emit, machine, make_parser, progress
 
 from hivenode.agent.node import Node
 from hivenode.aggregator.runner import RoundRecord
+from hivenode.models.training.backend import ModelSpec
+from hivenode.sim.chaos import accuracy_on_all
 from hivenode.sim.fl import FlSimConfig, StrategyRun, run_fl_sim
+from hivenode.sim.fl_datasets import federated_dataset
 
 
 def config(nodes: int, rounds: int) -> FlSimConfig:
@@ -41,21 +44,6 @@ def config(nodes: int, rounds: int) -> FlSimConfig:
     )
 
 
-def accuracy_on_all(cfg: FlSimConfig, model_path: Path) -> float:
-    """The final model's accuracy on every device's test set, killed ones included."""
-    import numpy as np
-    from safetensors.numpy import load_file
-
-    from hivenode.models.training.backend import ModelSpec, backend_for
-    from hivenode.sim.fl_datasets import federated_dataset
-
-    devices = federated_dataset(cfg.dataset, cfg.nodes, partition=cfg.partition, seed=cfg.seed)
-    x = np.concatenate([d.x_test for d in devices])
-    y = np.concatenate([d.y_test for d in devices])
-    spec = ModelSpec(cfg.framework, cfg.model, cfg.model_options)
-    return backend_for(cfg.framework).evaluate(spec, load_file(str(model_path)), x, y).accuracy
-
-
 def run(nodes: int, rounds: int, kill: int, at: int) -> tuple[list[RoundRecord], float]:
     def faults(record: RoundRecord, trainers: Sequence[Node]) -> None:
         if record.round == at:
@@ -67,7 +55,9 @@ def run(nodes: int, rounds: int, kill: int, at: int) -> tuple[list[RoundRecord],
         (outcome,) = trio.run(
             lambda: run_fl_sim(cfg, faults=faults if kill else None, keep_jobs=Path(tmp))
         )
-        return outcome.result.history, accuracy_on_all(cfg, outcome.result.model_path)
+        devices = federated_dataset(cfg.dataset, cfg.nodes, partition=cfg.partition, seed=cfg.seed)
+        spec = ModelSpec(cfg.framework, cfg.model, cfg.model_options)
+        return outcome.result.history, accuracy_on_all(devices, spec, outcome.result.model_path)
 
 
 def main() -> None:

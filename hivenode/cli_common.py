@@ -17,6 +17,10 @@ ConfigOpt = Annotated[
     Path | None, typer.Option("--config", "-c", help="TOML config file (else $HIVENODE_CONFIG)")
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+StateDirOpt = Annotated[
+    Path | None,
+    typer.Option("--state-dir", help="The node's state directory (registry, datasets, Q-table)."),
+]
 RuntimeDirOpt = Annotated[
     Path | None, typer.Option("--runtime-dir", help="Where the daemon's control socket lives.")
 ]

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from hivenode.cli_common import EXIT_USAGE, JsonOpt, console, emit_json, fail
+from hivenode.cli_common import EXIT_USAGE, JsonOpt, StateDirOpt, console, emit_json, fail
 
 if TYPE_CHECKING:
     from hivenode.models.datasets import DatasetCatalog, DatasetEntry
@@ -25,10 +25,6 @@ data_app = typer.Typer(
     add_completion=False,
 )
 
-StateDirOpt = Annotated[
-    Path | None,
-    typer.Option("--state-dir", help="The node's state directory, which holds datasets.json."),
-]
 _FILE_KINDS = (".npz", ".csv")
 
 

@@ -20,6 +20,7 @@ from hivenode.cli_common import (
     ConfigOpt,
     JsonOpt,
     RuntimeDirOpt,
+    StateDirOpt,
     ask_daemon,
     console,
     emit_json,
@@ -37,10 +38,6 @@ models_app = typer.Typer(
     add_completion=False,
 )
 
-StateDirOpt = Annotated[
-    Path | None,
-    typer.Option("--state-dir", help="The node's state directory, which holds the registry."),
-]
 FETCH_TIMEOUT = 3600.0
 """A model of several GB over a slow link; the daemon bounds each chunk on its own."""
 PEER_FIT_TIMEOUT = 5.0

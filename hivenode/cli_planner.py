@@ -20,6 +20,7 @@ from hivenode.cli_common import (
     ConfigOpt,
     JsonOpt,
     RuntimeDirOpt,
+    StateDirOpt,
     ask_daemon,
     console,
     emit_json,
@@ -36,10 +37,6 @@ qtable_app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
 )
-StateDirOpt = Annotated[
-    Path | None,
-    typer.Option("--state-dir", help="The node's state directory, which holds qtable.json."),
-]
 NodesJsonOpt = Annotated[
     Path | None,
     typer.Option(

@@ -136,7 +136,7 @@ def _load_zoo(
     feature_shape, num_classes = zoo_shapes(spec.name, arrays, metadata)
     module = zoo.build_model(spec.name, spec.options, feature_shape, num_classes)
     load_arrays(module, arrays)
-    module.eval()
+    module.eval()  # safe: nn.Module.eval() switches to inference mode; nothing is evaluated
 
     def predict(batch: NDArray) -> tuple[NDArray, ...]:
         with torch.inference_mode():
@@ -163,7 +163,7 @@ def _load_hf(version: ModelVersion, path: Path, spec: Any) -> LoadedModel:
     num_classes = infer_num_classes(lambda n: build_model(spec, n), arrays, version.spec)
     module = build_model(spec, num_classes)
     load_arrays(module, arrays)
-    module.eval()
+    module.eval()  # safe: nn.Module.eval() switches to inference mode; nothing is evaluated
     config: Any = module.config
     vocab = int(config.vocab_size)
     positions = getattr(config, "max_position_embeddings", None)

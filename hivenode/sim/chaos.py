@@ -306,7 +306,7 @@ def accuracy_on_all(devices: Sequence[LocalData], spec: ModelSpec, model_path: P
 
 def round_line(record: RoundRecord) -> str:
     accuracy = f"{record.eval_accuracy:.3f}" if record.eval_accuracy is not None else "-"
-    rejected = int(getattr(record, "rejected", 0))
+    rejected = record.rejected
     return (
         f"  round {record.round}: accuracy {accuracy}, {record.participants} updates, "
         f"{record.failures} failures, {rejected} rejected, {record.duration_s:.1f} s"

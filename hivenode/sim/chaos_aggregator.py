@@ -16,12 +16,10 @@ round's end loses that round, and its updates count in `lost_updates`.
 
 from __future__ import annotations
 
-import inspect
 import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import trio
 
@@ -50,9 +48,6 @@ from hivenode.sim.chaos_swarm import (
     training_threads,
 )
 from hivenode.sim.fl import JOIN_WAIT_S
-
-SYNCHRONOUS = "replicate" in inspect.signature(run_job).parameters
-"""Whether this runner can hold the next round until the standby has the last one."""
 
 
 class _KillAggregator:
@@ -122,8 +117,6 @@ class _KillAggregator:
         self.ledger.round_done(self.primary.peer_id, record)
         self.primary_records.append(record)
         self.outcome.round_done_at[record.round] = time.monotonic()
-        if not SYNCHRONOUS:
-            self.pusher.on_round(record)
         self.say(round_line(record))
 
     def on_standby_round(self, record: RoundRecord) -> None:
@@ -172,7 +165,6 @@ class _KillAggregator:
         primary, pusher = self.primary, self.pusher
         async with trio.open_nursery() as nursery:
             nursery.start_soon(pusher.run)
-            replication: dict[str, Any] = {"replicate": pusher.replicate} if SYNCHRONOUS else {}
 
             async def primary_job() -> None:
                 try:
@@ -183,7 +175,7 @@ class _KillAggregator:
                             self.primary_dir(job),
                             on_round=self.on_primary_round,
                             trainer_wait_s=JOIN_WAIT_S,
-                            **replication,
+                            replicate=pusher.replicate,
                         )
                         self.results.append(result)
                 except* Exception:
@@ -219,7 +211,7 @@ class _KillAggregator:
                 "round_at_standby_at_kill": self.replicated,
                 "completed_rounds_redone": len(lost_rounds),
                 "resumed_from_round": self.results[-1].resumed_from if self.results else None,
-                "replication": "synchronous" if SYNCHRONOUS else "pipelined",
+                "replication": "synchronous",
                 "replication_max_lag_ms": round(self.pusher.max_lag_s * 1000, 1)
                 if self.pusher
                 else None,

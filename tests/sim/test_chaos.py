@@ -15,7 +15,6 @@ from hivenode.agent.node import MIN_ADVERT_SPACING
 from hivenode.aggregator.runner import RoundRecord
 from hivenode.cli_chaos import sim_chaos
 from hivenode.sim.chaos import ChaosConfig, ChaosError, Scenario, run_chaos
-from hivenode.sim.chaos_aggregator import SYNCHRONOUS
 from hivenode.sim.chaos_swarm import Ledger, chaos_swarm, honest_trainer, training_threads
 from hivenode.sim.fl_datasets import federated_dataset
 
@@ -75,7 +74,6 @@ async def test_killed_trainers_cost_no_update_of_the_others_and_the_job_finishes
     assert report.final_accuracy is not None and report.baseline_accuracy is not None
 
 
-@pytest.mark.skipif(not SYNCHRONOUS, reason="needs run_job(replicate=...)")
 async def test_a_standby_resumes_a_killed_aggregators_job_from_its_replica() -> None:
     config = ChaosConfig(Scenario.KILL_AGGREGATOR, rounds=4, at_round=3, **SMALL)
     report = await run_chaos(config)

@@ -150,7 +150,7 @@ def evaluate_model(
     inputs, labels = _tensors(model, x, checked_labels(y, num_classes, len(x)))
     module = model.module.to(device())
     load_arrays(module, arrays)
-    module.eval()
+    module.eval()  # safe: nn.Module.eval() switches to inference mode; nothing is evaluated
     loss_sum = torch.zeros((), device=device())
     correct = torch.zeros((), dtype=torch.long, device=device())
     with torch.inference_mode():
