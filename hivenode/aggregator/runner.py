@@ -30,10 +30,11 @@ from hivenode.aggregator.checkpoint import Checkpoint, load_checkpoint, save_che
 from hivenode.aggregator.grid import GridError, JobAddress, RoundTraffic, SwarmGrid
 from hivenode.aggregator.job_spec import JobSpec
 from hivenode.aggregator.strategy_factory import build_strategy
+from hivenode.aggregator.trainer_fit import split_by_fit
 from hivenode.fsutil import atomic_write
 from hivenode.models.flower_arrays import arrayrecord_to_numpy, numpy_to_array
 from hivenode.models.training.backend import backend_for
-from hivenode.protocol.advert import DatasetInfo, Role
+from hivenode.protocol.advert import DatasetInfo, Hardware, Role
 from hivenode.protocol.ids import BUILTIN_APP
 from hivenode.strategies.scaffold import Scaffold
 
@@ -185,6 +186,7 @@ async def run_job(
         log.info("job %s: resuming after round %d of %d", job.name, done, job.rounds)
     else:
         arrays = await trio.to_thread.run_sync(_initial_arrays, job, info)
+    trainers = _fitting_trainers(node, job, trainers, arrays)
     recorder = _Recorder(
         history=[RoundRecord.from_json(r) for r in (checkpoint.history if checkpoint else [])]
     )
@@ -354,6 +356,33 @@ def _initial_arrays(job: JobSpec, info: DatasetInfo | None) -> dict[str, NDArray
     return backend_for(spec.framework).init_arrays(
         spec, tuple(info.feature_shape), info.num_classes, job.seed
     )
+
+
+def _fitting_trainers(
+    node: Node, job: JobSpec, trainers: list[str], arrays: dict[str, NDArray]
+) -> list[str]:
+    """The trainers whose advertised hardware can train the model; JobError when fewer than
+    the job needs remain (a listed trainer that cannot is an error too)."""
+    hardware = {
+        peer: node.hardware if peer == node.peer_id else _advert_hardware(node, peer)
+        for peer in trainers
+    }
+    kept, refused = split_by_fit(job, arrays, trainers, hardware)
+    for peer, reason in refused.items():
+        log.warning("job %s: trainer %s left out: %s", job.name, peer, reason)
+    needed = len(job.trainers) or job.min_clients
+    if len(kept) < needed:
+        why = "; ".join(f"{peer[-8:]}: {reason}" for peer, reason in refused.items())
+        raise JobError(
+            f"{len(kept)} of {len(trainers)} trainer(s) can train this model, the job needs "
+            f"{needed} ({why})"
+        )
+    return kept
+
+
+def _advert_hardware(node: Node, peer: str) -> Hardware | None:
+    entry = node.peer_table.get(peer)
+    return entry.advert.hardware if entry else None
 
 
 def _check_same_data(node: Node, job: JobSpec, trainers: Sequence[str]) -> None:

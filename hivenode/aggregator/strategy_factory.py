@@ -9,13 +9,13 @@ from flwr.app import ArrayRecord, MetricRecord, RecordDict
 from flwr.serverapp.strategy import (
     FedAvg,
     FedMedian,
-    FedProx,
     FedTrimmedAvg,
     Krum,
     MultiKrum,
 )
 
 from hivenode.aggregator.job_spec import JobSpec
+from hivenode.strategies.fast import FastFedAvg, FastFedProx
 from hivenode.strategies.scaffold import Scaffold
 
 MetricsAggregator = Callable[[list[RecordDict], str], MetricRecord]
@@ -56,9 +56,9 @@ def build_strategy(
     options = job.strategy
     match options.name:
         case "fedavg":
-            return FedAvg(**common)
+            return FastFedAvg(**common)
         case "fedprox":
-            return FedProx(**common, proximal_mu=options.mu)
+            return FastFedProx(**common, proximal_mu=options.mu)
         case "scaffold":
             return Scaffold(
                 trainers,

@@ -7,8 +7,10 @@ nothing and the tensor is read once, by whoever uses it.
 
 from __future__ import annotations
 
+import functools
 import io
 import math
+import struct
 from typing import Any
 
 import numpy as np
@@ -29,7 +31,42 @@ def array_to_numpy(array: Array) -> NDArray:
     if array.stype != NUMPY_STYPE:
         raise ArrayFormatError(f"cannot read an Array of serialisation type {array.stype!r}")
     data = array.data
-    stream = io.BytesIO(data)
+    header = _header_bytes(data)
+    shape, fortran_order, dtype = _parse_header(header)
+    count = math.prod(shape)
+    offset = len(header)
+    if len(data) - offset != count * dtype.itemsize:
+        raise ArrayFormatError(
+            f"Array data holds {len(data) - offset} bytes after its header, "
+            f"expected {count * dtype.itemsize} for {dtype} {shape}"
+        )
+    flat = np.frombuffer(data, dtype=dtype, count=count, offset=offset)
+    return flat.reshape(shape, order="F" if fortran_order else "C")
+
+
+_MAGIC = b"\x93NUMPY"
+_HEADER_LENGTH = {1: struct.Struct("<H"), 2: struct.Struct("<I"), 3: struct.Struct("<I")}
+
+
+def _header_bytes(data: bytes) -> bytes:
+    """The .npy magic, version and header dict: everything before the array's first byte."""
+    major = data[6] if len(data) > 7 and data.startswith(_MAGIC) else None
+    length = _HEADER_LENGTH.get(major) if major is not None else None
+    if length is None or len(data) < 8 + length.size:
+        raise ArrayFormatError("Array data is not a valid .npy buffer (bad magic or version)")
+    (size,) = length.unpack_from(data, 8)
+    end = 8 + length.size + size
+    if len(data) < end:
+        raise ArrayFormatError("Array data is not a valid .npy buffer (truncated header)")
+    return data[:end]
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_header(header: bytes) -> tuple[tuple[int, ...], bool, np.dtype[Any]]:
+    """numpy's own (safe, literal-only) header parser, once per distinct header: every
+    trainer's update of a model has the same headers, and parsing one costs ~35 µs (a third
+    of averaging 100 updates of a 1M-parameter model)."""
+    stream = io.BytesIO(header)
     try:
         version = np.lib.format.read_magic(stream)
         if version == (1, 0):
@@ -40,17 +77,11 @@ def array_to_numpy(array: Array) -> NDArray:
             raise ArrayFormatError(f"unsupported .npy version {version}")
     except ValueError as exc:
         raise ArrayFormatError(f"Array data is not a valid .npy buffer: {exc}") from exc
+    if stream.tell() != len(header):
+        raise ArrayFormatError("Array data is not a valid .npy buffer (header length)")
     if dtype.hasobject:
         raise ArrayFormatError(f"Array holds Python objects ({dtype}); refusing to read it")
-    count = math.prod(shape)
-    offset = stream.tell()
-    if len(data) - offset != count * dtype.itemsize:
-        raise ArrayFormatError(
-            f"Array data holds {len(data) - offset} bytes after its header, "
-            f"expected {count * dtype.itemsize} for {dtype} {shape}"
-        )
-    flat = np.frombuffer(data, dtype=dtype, count=count, offset=offset)
-    return flat.reshape(shape, order="F" if fortran_order else "C")
+    return tuple(shape), bool(fortran_order), dtype
 
 
 def numpy_to_array(array: NDArray) -> Array:

@@ -2,8 +2,7 @@
 
 Flower's `aggregate_inplace` / `aggregate_arrayrecords` deserialise every update into a fresh
 array and scale it into another before adding (measured here: about 2× one model of extra
-memory). Here every update is read once, in cache-sized chunks, into one accumulator
-(measured: 2.2× Flower's speed, see docs/performance.md):
+memory). Here every update is read once, in cache-sized chunks, into one accumulator:
 
 - `WeightedMean` streams: `add()` each update as it arrives (it may be a view over the
   received buffer, e.g. from `hivenode.protocol.message.decode_message`), `result()` once.
@@ -14,16 +13,21 @@ memory). Here every update is read once, in cache-sized chunks, into one accumul
   strategy's `aggregate_train`): chunk-major, the accumulator for one chunk stays in cache and
   the only full-size allocation is the result (1× one model).
 
+When an update already has the accumulator's dtype, acc += w·x is one BLAS axpy (scipy's
+saxpy/daxpy: fused, reads x once); otherwise x is widened into a chunk buffer first. float32
+models averaged with a float32 accumulator (what `flower_arrays.aggregate_arrayrecords` does by
+default, like Flower) run at 16–20 GB/s here, close to this machine's memory read rate
+(~24 GB/s): 3.1–4.9× Flower's best (benchmarks/bench_aggregate.py, docs/performance.md).
+
 Work can be split over `workers` threads by element ranges (numpy releases the GIL); the
-default is one, which measured fastest here.
+default is one, which measured fastest here (OpenBLAS already threads axpy).
 
 Accuracy (measured by benchmarks/bench_aggregate.py and the tests, against np.average over
 float64 copies): with float64 accumulation the only error is the final rounding to the result
 dtype, max abs error ≤ 1 ulp of the result (≈ 6e-8 × |mean| for float32 results; measured
-max abs err 6.0e-8 at 10×10M and 2.8e-8 at 100×1M, N(0,1) float32 inputs;
-Flower's float32 accumulation: 3.1e-7 and 2.6e-7). With float32
-accumulation the error grows with the number of updates (≈ N · 2^-24 · max|x| worst case);
-float64 is the default; measured on 2 cores its kernel takes ~1.8× float32's time.
+max abs err 6.0e-8 at 10×10M and 2.8e-8 at 100×1M, N(0,1) float32 inputs). With float32
+accumulation the error grows with the number of updates (≈ N · 2^-24 · max|x| worst case):
+measured 2.9e-7 and 2.2e-7, Flower's own float32 accumulation 3.1e-7 and 2.6e-7.
 
 Chunks of 256 Ki elements were fastest here (2 MiB float64 per chunk buffer; 64 Ki–1 Mi were
 within 30 %, 4 Mi was 1.8× slower: its buffers fall out of L2/L3).
@@ -31,6 +35,7 @@ within 30 %, 4 Mi was 1.8× slower: its buffers fall out of L2/L3).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -113,8 +118,7 @@ class WeightedMean:
                 if first:
                     _scaled_into(acc, flat[index][start:stop], weight)
                 else:
-                    scaled = _scaled_into(tmp[: stop - start], flat[index][start:stop], weight)
-                    np.add(acc, scaled, out=acc)
+                    _add_scaled(acc, flat[index][start:stop], weight, tmp[: stop - start])
 
         _run(self._tasks(), work, self._workers)
         self._total_weight += weight
@@ -198,7 +202,7 @@ def weighted_mean(
             tmp = tmp_buf[: stop - start]
             _scaled_into(acc, flats[0][index][start:stop], checked[0])
             for flat, weight in zip(flats[1:], checked[1:], strict=True):
-                np.add(acc, _scaled_into(tmp, flat[index][start:stop], weight), out=acc)
+                _add_scaled(acc, flat[index][start:stop], weight, tmp)
             np.divide(acc, total, out=acc)
             np.copyto(outs[index][start:stop], acc, casting="same_kind")
 
@@ -224,6 +228,31 @@ def _scaled_into(out: NDArray, x: NDArray, weight: float) -> NDArray:
         np.copyto(out, x, casting="same_kind")
         np.multiply(out, weight, out=out)
     return out
+
+
+def _add_scaled(acc: NDArray, x: NDArray, weight: float, tmp: NDArray) -> None:
+    """acc += weight · x. BLAS axpy when x already has the accumulator's dtype: one fused pass
+    that reads x once (measured 2.4× numpy's multiply-then-add on 256 Ki chunks); otherwise
+    `tmp` holds weight · x widened to the accumulator's dtype."""
+    axpy = _blas_axpy(acc.dtype) if x.dtype == acc.dtype else None
+    if axpy is not None:
+        axpy(x, acc, a=weight)
+    else:
+        np.add(acc, _scaled_into(tmp, x, weight), out=acc)
+
+
+@functools.cache
+def _blas_axpy(dtype: np.dtype[Any]) -> Callable[..., NDArray] | None:
+    """scipy's saxpy/daxpy (in place on a contiguous accumulator), None without scipy."""
+    try:
+        from scipy.linalg import blas
+    except ImportError:  # scipy is a dependency; numpy's two-pass path still works without it
+        return None
+    kernels: dict[np.dtype[Any], Callable[..., NDArray]] = {
+        np.dtype(np.float32): blas.saxpy,
+        np.dtype(np.float64): blas.daxpy,
+    }
+    return kernels.get(np.dtype(dtype))
 
 
 def _check_update(

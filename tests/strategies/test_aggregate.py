@@ -201,11 +201,30 @@ def test_arrayrecord_adapter_matches_flower(dtype: type[np.floating[Any]]) -> No
         assert ours[key].shape == theirs[key].shape
         atol = 2e-3 if dtype == np.float16 else 1e-6
         np.testing.assert_allclose(ours[key].numpy(), theirs[key].numpy(), atol=atol)
+    precise = aggregate_arrayrecords(replies, "num-examples", accumulator_dtype=np.float64)
     assert_close(
-        [ours[f"layer{i}"].numpy() for i in range(len(shapes))],
+        [precise[f"layer{i}"].numpy() for i in range(len(shapes))],
         reference(updates, weights),
         np.dtype(dtype),
     )
+
+
+def test_model_precision_accumulation_rounds_no_worse_than_flower() -> None:
+    """The default float32 accumulator (BLAS saxpy) over many updates: Flower's error, not more."""
+    shapes = [(4096,), (64, 65)]
+    updates = random_updates(100, shapes)
+    weights = [float(w) for w in np.random.default_rng(7).integers(1, 1000, 100)]
+    replies = flower_replies(updates, weights)
+    ours = aggregate_arrayrecords(replies, "num-examples")
+    theirs = flower_aggregate(replies, "num-examples")
+    want = reference(updates, weights)
+    for i, w in enumerate(want):
+        key = f"layer{i}"
+        assert ours[key].numpy().dtype == np.float32
+        our_err = np.abs(ours[key].numpy() - w).max()
+        their_err = np.abs(theirs[key].numpy() - w).max()
+        assert our_err <= 1.5 * their_err + 1e-9, (our_err, their_err)
+        assert our_err < 100 * 2.0**-24 * max(1.0, float(np.abs(w).max()))
 
 
 def test_array_decodes_as_a_view_over_its_bytes() -> None:

@@ -3,44 +3,19 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
 from typing import Any, cast
 
 import numpy as np
 import pytest
+from flower_messages import as_grid, task_identity  # noqa: F401 (autouse fixture)
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
-from flwr.supercore.task_identity import TaskIdentity
 
 from hivenode.models.flower_arrays import arrayrecord_to_numpy, numpy_to_array
 from hivenode.models.training.scaffold_client import GradientFn, local_train, zeros_like
 from hivenode.strategies.scaffold import Scaffold
 
 NDArray = np.ndarray[Any, Any]
-
-
-@pytest.fixture(autouse=True)
-def task_identity(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Flower's Message needs the process's task identity, as its runtimes set it."""
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
-    yield
-
-
-class NodeList:
-    """The one part of a Grid that configure_train uses: the connected node ids."""
-
-    def __init__(self, node_ids: list[int]) -> None:
-        self.node_ids = node_ids
-
-    def get_node_ids(self) -> list[int]:
-        return list(self.node_ids)
-
-
-def as_grid(node_ids: list[int]) -> Grid:
-    return cast(Grid, NodeList(node_ids))
 
 
 def record(arrays: dict[str, NDArray]) -> ArrayRecord:
