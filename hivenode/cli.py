@@ -214,6 +214,10 @@ def run(
         from hivenode.aggregator.service import JobService
 
         services.append(JobService())
+    if Role.TRAINER in settings.roles:
+        from hivenode.parallel.job_worker import ParallelJobService
+
+        services.append(ParallelJobService())  # a member of data/pipeline-parallel jobs
     from hivenode.inference.service import InferenceService
 
     services.append(InferenceService())  # the router on every node; the worker with its role

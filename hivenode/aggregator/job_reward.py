@@ -1,7 +1,8 @@
-"""A finished federated job's lesson for the swarm's Q-table.
+"""A finished job's lesson for the swarm's Q-table.
 
-The job ran as `federated` on its trainers; the state is what the planner would have seen
-when it started (model size, samples, trainers, their measured RTTs), the reward is
+The job ran as `federated` on its trainers, or data/pipeline/model parallel on its members;
+the state is what the planner would have seen when it started (model size, samples,
+trainers, their measured RTTs), the reward is
 `planner.rewards.reward` of its outcome against the job's target accuracy and time budget.
 The node records it in its own cells and gossips them (`agent/qtable_gossip.py`).
 """
@@ -38,7 +39,14 @@ def job_lesson(
         node_hours=len(trainers) * wall_s / 3600,
         reference_wall_s=job.rounds * job.deadline_s,
     )
-    return encode(shape, views).state, Action.FEDERATED, reward(outcome)
+    return encode(shape, views).state, action_of(job), reward(outcome)
+
+
+def action_of(job: JobSpec) -> Action:
+    """How the job ran: federated, or the parallel mode its `[parallel]` section names."""
+    if job.parallel is None:
+        return Action.FEDERATED
+    return Action(f"{job.parallel.mode}_parallel")
 
 
 def _view(node: Node, peer: str) -> NodeView:

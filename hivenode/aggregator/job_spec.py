@@ -64,6 +64,22 @@ class TrainSection(_Strict):
     )
 
 
+class ParallelSection(_Strict):
+    """Train peer to peer instead of federated: `rounds` then counts optimizer steps, each
+    one synchronous across the members (hivenode.parallel)."""
+
+    mode: Literal["data", "pipeline", "model"] = "data"
+    nodes: int | None = Field(
+        None, ge=1, description="members to use (data: replicas, pipeline: stages); None: all"
+    )
+    micro_batches: int = Field(4, ge=1, description="pipeline: GPipe micro-batches per step")
+    momentum: float = Field(0.0, ge=0, lt=1)
+    peer_timeout_s: float = Field(10.0, gt=0, description="a silent member is left out after")
+    compression: Literal["none", "fp16", "int8"] = Field(
+        "none", description="data: how the all-reduce sends gradients"
+    )
+
+
 class JobSpec(_Strict):
     name: str = Field(pattern=JOB_NAME_PATTERN)
     dataset: str = Field("", description="the dataset name trainers registered (hivenode data add)")
@@ -104,11 +120,14 @@ class JobSpec(_Strict):
     model: ModelSection = Field(default_factory=ModelSection)
     strategy: StrategySection = Field(default_factory=StrategySection)
     train: TrainSection = Field(default_factory=TrainSection)
+    parallel: ParallelSection | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> JobSpec:
         if self.min_clients > self.clients_per_round:
             raise ValueError("min_clients cannot exceed clients_per_round")
+        if self.parallel is not None and (self.flower_app or self.model.framework != "torch"):
+            raise ValueError("parallel: trains the built-in torch models only")
         if self.flower_app is None and not self.dataset:
             raise ValueError("dataset: a job of the built-in app names the data it trains on")
         return self

@@ -178,15 +178,15 @@ async def run_job(
     (`hivenode.aggregator.replication`). It must not raise; it costs the round its time."""
     started = time.monotonic()
     trainers, info = await wait_for_trainers(node, job, trainer_wait_s)
-    _check_same_data(node, job, trainers)
+    check_same_data(node, job, trainers)
     checkpoint = await trio.to_thread.run_sync(load_checkpoint, job_dir)
     done = checkpoint.round if checkpoint else 0
     if checkpoint is not None:
         arrays = checkpoint.arrays
         log.info("job %s: resuming after round %d of %d", job.name, done, job.rounds)
     else:
-        arrays = await trio.to_thread.run_sync(_initial_arrays, job, info)
-    trainers = _fitting_trainers(node, job, trainers, arrays)
+        arrays = await trio.to_thread.run_sync(initial_arrays, job, info)
+    trainers = fitting_trainers(node, job, trainers, arrays)
     recorder = _Recorder(
         history=[RoundRecord.from_json(r) for r in (checkpoint.history if checkpoint else [])]
     )
@@ -195,7 +195,7 @@ async def run_job(
             node, job, job_dir, trainers, arrays, checkpoint, recorder, on_round, replicate
         )
     model_path = job_dir / "model.safetensors"
-    await trio.to_thread.run_sync(_save_model, job, arrays, model_path, info)
+    await trio.to_thread.run_sync(save_model, job, arrays, model_path, info)
     return JobResult(
         name=job.name,
         strategy=job.strategy.name,
@@ -349,7 +349,7 @@ def _record_of(arrays: dict[str, NDArray]) -> ArrayRecord:
     return ArrayRecord({k: numpy_to_array(np.ascontiguousarray(v)) for k, v in arrays.items()})
 
 
-def _initial_arrays(job: JobSpec, info: DatasetInfo | None) -> dict[str, NDArray]:
+def initial_arrays(job: JobSpec, info: DatasetInfo | None) -> dict[str, NDArray]:
     if info is None or not info.feature_shape or info.num_classes < 2:
         raise JobError(f"dataset {job.dataset!r} is advertised without its shape or classes")
     spec = job.model.spec()
@@ -358,7 +358,7 @@ def _initial_arrays(job: JobSpec, info: DatasetInfo | None) -> dict[str, NDArray
     )
 
 
-def _fitting_trainers(
+def fitting_trainers(
     node: Node, job: JobSpec, trainers: list[str], arrays: dict[str, NDArray]
 ) -> list[str]:
     """The trainers whose advertised hardware can train the model; JobError when fewer than
@@ -385,7 +385,7 @@ def _advert_hardware(node: Node, peer: str) -> Hardware | None:
     return entry.advert.hardware if entry else None
 
 
-def _check_same_data(node: Node, job: JobSpec, trainers: Sequence[str]) -> None:
+def check_same_data(node: Node, job: JobSpec, trainers: Sequence[str]) -> None:
     shapes: dict[tuple[tuple[int, ...], int], list[str]] = {}
     for peer in trainers:
         info = _dataset_of(node, peer, job.dataset)
@@ -416,7 +416,7 @@ def run_id_of(name: str) -> int:
     return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big") >> 1
 
 
-def _save_model(
+def save_model(
     job: JobSpec, arrays: dict[str, NDArray], path: Path, info: DatasetInfo | None = None
 ) -> None:
     from safetensors.numpy import save

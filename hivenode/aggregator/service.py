@@ -23,6 +23,7 @@ from hivenode.aggregator.checkpoint import CheckpointError, load_checkpoint
 from hivenode.aggregator.flower_jobs import run_flower_job
 from hivenode.aggregator.job_reward import job_lesson
 from hivenode.aggregator.job_spec import JobSpec
+from hivenode.aggregator.parallel_runner import run_parallel_job
 from hivenode.aggregator.runner import JobError, JobResult, RoundRecord, run_job
 from hivenode.fsutil import atomic_write
 from hivenode.models.errors import ModelError
@@ -63,7 +64,11 @@ class JobState:
         return {
             "name": self.spec.name,
             "state": self.state,
-            "strategy": self.spec.strategy.name,
+            "strategy": (
+                f"{self.spec.parallel.mode}-parallel"
+                if self.spec.parallel
+                else self.spec.strategy.name
+            ),
             "round": last.round if last else 0,
             "rounds": self.spec.rounds,
             "accuracy": last.eval_accuracy if last else None,
@@ -151,6 +156,10 @@ class JobService:
         try:
             if job.spec.flower_app is not None:
                 result = await run_flower_job(self._node, job.spec, self._root / name)
+            elif job.spec.parallel is not None:
+                result = await run_parallel_job(
+                    self._node, job.spec, self._root / name, on_round=job.history.append
+                )
             else:
                 result = await run_job(
                     self._node, job.spec, self._root / name, on_round=job.history.append

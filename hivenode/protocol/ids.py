@@ -28,3 +28,6 @@ INFER_PROTOCOL: Final = "/hivenode/infer/1.0.0"
 """An inference request (model name, input tensors) to a worker, answered with the outputs."""
 DEPLOY_PROTOCOL: Final = "/hivenode/deploy/1.0.0"
 """Asks an inference worker to fetch a model blob by hash, verify and serve it (or stop)."""
+PARALLEL_JOB_PROTOCOL: Final = "/hivenode/parallel-job/1.0.0"
+"""A job's coordinator starts a member's part of a data- or pipeline-parallel job, then polls
+its progress and, once done, fetches its weights."""

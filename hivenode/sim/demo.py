@@ -36,6 +36,22 @@ lr = 0.1
 local_epochs = 1
 batch_size = 10
 """
+PARALLEL_JOB_FILE = """\
+name = "digits-data-parallel"
+dataset = "digits"
+rounds = 100                # optimizer steps, each synchronous across the replicas
+[model]
+framework = "torch"
+name = "mlp"
+options = { hidden = [64, 64] }
+[train]
+lr = 0.2
+batch_size = 32
+[parallel]
+mode = "data"               # gradients averaged peer to peer by an all-reduce every step
+nodes = 3
+momentum = 0.5
+"""
 PLOT_NAME = "hivenode-demo.png"
 
 
@@ -76,6 +92,8 @@ def run_demo(nodes: int, out_dir: Path | None = None) -> int:
                 console.print("[red]the job failed[/]; node logs under", str(base))
                 return 1
             _plot(hub, plot_path)
+            if not _run_parallel_job(console, base, runtime):
+                return 1
             console.rule("[bold]done")
             console.print(
                 f"Loss and accuracy per round: [cyan]{plot_path}[/]\n"
@@ -91,6 +109,20 @@ def run_demo(nodes: int, out_dir: Path | None = None) -> int:
                     daemon.terminate()
                 for daemon in daemons:
                     daemon.reap(timeout=15.0)
+
+
+def _run_parallel_job(console: Console, base: Path, runtime: str) -> bool:
+    """The same swarm trains the same data peer to peer: three replicas whose gradients an
+    all-reduce averages every step (node 0 coordinates)."""
+    job_file = base / "parallel.toml"
+    job_file.write_text(PARALLEL_JOB_FILE)
+    console.rule("[bold]parallel.toml: data parallel on 3 nodes")
+    console.print(PARALLEL_JOB_FILE, highlight=False, markup=False)
+    code = _run(console, ["jobs", "submit", str(job_file), "--watch", "--runtime-dir", runtime])
+    _show(console, ["jobs", "list", "--runtime-dir", runtime])
+    if code != 0:
+        console.print("[red]the parallel job failed[/]; node logs under", str(base))
+    return code == 0
 
 
 def _give_each_node_its_data(console: Console, base: Path, nodes: int) -> None:

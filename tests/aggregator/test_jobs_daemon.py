@@ -128,3 +128,66 @@ def test_an_unmodified_flower_app_runs_on_the_daemons_that_allowed_it(
     assert [r["round"] for r in job["history"]] == [1, 2, 3]
     assert all(r["participants"] == 2 for r in job["history"])
     assert job["history"][-1]["eval_accuracy"] > job["history"][0]["eval_accuracy"]
+
+
+PARALLEL_JOB = """\
+name = "{name}"
+dataset = "digits"
+rounds = {rounds}
+
+[model]
+framework = "torch"
+name = "mlp"
+options = {{ hidden = [32, 32] }}
+
+[train]
+lr = 0.2
+batch_size = 32
+
+[parallel]
+mode = "{mode}"
+momentum = 0.5
+peer_timeout_s = 3
+"""
+
+
+@pytest.fixture
+def four(daemons: Daemons) -> list[Daemon]:
+    """A coordinating hub plus three trainers, each with a third of digits."""
+    parts = federated_dataset("digits", 3, partition="iid", seed=1)
+    hub = daemons.start("hub", env=FAST)
+    nodes = [hub] + [daemons.start(f"t{i}", bootstrap=hub, env=FAST) for i in range(3)]
+    for node, part in zip(nodes[1:], parts, strict=True):
+        add_digits(node, part)
+    return nodes
+
+
+def submit_parallel(hub: Daemon, name: str, mode: str, rounds: int) -> Any:
+    job_file = hub.base / f"{name}.toml"
+    job_file.write_text(PARALLEL_JOB.format(name=name, mode=mode, rounds=rounds))
+    return hub.cli_json("jobs", "submit", str(job_file))
+
+
+def test_a_data_parallel_job_survives_a_killed_replica(four: list[Daemon]) -> None:
+    hub, victim = four[0], four[3]
+    submit_parallel(hub, "dp", "data", rounds=150)
+    wait_for(lambda: hub.api("/v1/jobs/dp")["round"] >= 20, 120, what="20 steps")
+    victim.signal(signal.SIGKILL)
+    job = json.loads(hub.cli("jobs", "watch", "dp", "--json", timeout=240).stdout)
+    assert job["state"] == "finished", job["error"]
+    history = job["history"]
+    assert [r["round"] for r in history] == list(range(1, 151))
+    assert history[0]["participants"] == 3 and history[-1]["participants"] == 2
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert job["strategy"] == "data-parallel" and job["registered"] == "dp@1"
+    assert history[-1]["eval_accuracy"] > 0.6
+
+
+def test_a_pipeline_job_runs_across_the_daemons(four: list[Daemon]) -> None:
+    hub = four[0]
+    submit_parallel(hub, "pp", "pipeline", rounds=30)
+    job = json.loads(hub.cli("jobs", "watch", "pp", "--json", timeout=240).stdout)
+    assert job["state"] == "finished", job["error"]
+    losses = [r["train_loss"] for r in job["history"]]
+    assert len(losses) == 30 and losses[-1] < losses[0]
+    assert Path(job["model_path"]).exists()

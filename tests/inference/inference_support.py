@@ -39,7 +39,7 @@ def save_zoo_model(
     seed: int = 0,
     metadata: dict[str, str] | None = None,
 ) -> Any:
-    """A zoo model's weights as a job writes them (aggregator/runner.py `_save_model`);
+    """A zoo model's weights as a job writes them (aggregator/runner.py `save_model`);
     returns the torch module, the in-process reference."""
     from safetensors.numpy import save_file
 

@@ -37,9 +37,13 @@ class FlSwarm:
 
 @asynccontextmanager
 async def fl_swarm(
-    tmp: Path, partitions: Sequence[LocalData], wrap: AppWrapper | None = None
+    tmp: Path,
+    partitions: Sequence[LocalData],
+    wrap: AppWrapper | None = None,
+    setup_trainer: Callable[[Node], None] | None = None,
 ) -> AsyncIterator[FlSwarm]:
-    """An aggregator plus one trainer per partition, registered as dataset "local"."""
+    """An aggregator plus one trainer per partition, registered as dataset "local";
+    `setup_trainer(node)` runs on each trainer before it starts."""
     limiter = trio.CapacityLimiter(2)
 
     def make_trainer(state_dir: Path, peer_id: str) -> Trainer:
@@ -60,6 +64,7 @@ async def fl_swarm(
                 f"trainer{index}",
                 bootstrap=[aggregator],
                 make_trainer=make_trainer,
+                setup=setup_trainer,
                 roles=[Role.TRAINER],
             )
             swarm.trainers.append(node)

@@ -50,6 +50,7 @@ async def local_swarm(tmp: Path) -> AsyncIterator[StartNode]:
             blob_resolver: BlobResolver | None = None,
             make_trainer: MakeTrainer | None = None,
             qtable: bool = False,
+            setup: Callable[[Node], None] | None = None,
             **overrides: Any,
         ) -> Node:
             addrs = [n.swarm.listen_addrs()[0] for n in bootstrap or []]
@@ -71,6 +72,8 @@ async def local_swarm(tmp: Path) -> AsyncIterator[StartNode]:
                 trainer=trainer,
                 qtable=gossip,
             )
+            if setup is not None:  # what must be registered before the node runs
+                setup(node)
             await nursery.start(node.run)
             nodes.append(node)
             return node
