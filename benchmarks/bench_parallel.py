@@ -30,9 +30,9 @@ from typing import Any
 import trio
 from _common import emit, machine, make_parser, progress, rounded
 
-from hivenode.parallel.compression import Compression
 from hivenode.parallel.faults import Fault
 from hivenode.parallel.simulation import SimConfig, SimReport, run_parallel_sim
+from hivenode.protocol.compression import Compression
 from hivenode.sim.swarm import quiet_libp2p
 
 BYTES_SLACK = 1.05

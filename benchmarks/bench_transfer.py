@@ -1,17 +1,25 @@
-"""Moving 256 MiB of float32 between two node processes on 127.0.0.1, three ways.
+"""Moving 256 MiB of float32 between two node processes on 127.0.0.1, four ways.
 
     python benchmarks/bench_transfer.py [--json] [--size-mib 256] [--repeats 3]
+                                        [--ways default,stream,bulk,tcp]
 
-The receiver is a child process running a real Node with a BulkReceiver, a plain libp2p
-stream handler and a raw TCP sink; this process runs the sending Node. Each way is timed
-from the first byte offered to the receiver's confirmation, median of --repeats:
+The receiver is a child process running a real Node with a BulkReceiver, a stream handler
+and a raw TCP sink, plus a plain py-libp2p host (`libp2p.new_host()` with its defaults, no
+hivenode code) with the same stream handler; this process runs the sending Node and a plain
+host of its own. Each way is timed from the first byte offered to the receiver's confirmation,
+median of --repeats:
 
-- default: one `write_message` on a py-libp2p stream with its defaults (Noise + yamux);
+- default: one `write_message` (4 MiB writes) between the two plain hosts: py-libp2p exactly
+  as it ships (Noise, `/yamux/1.0.0`, 64 KiB frames, 256 KiB initial window);
+- stream: the same `write_message` between the two Nodes: hivenode's tuned yamux
+  (`/hivenode/yamux/1.0.0`, ~1 MiB frames, 16 MiB window; see hivenode.agent.muxer), the
+  fallback path when the bulk channel cannot be opened;
 - bulk: `send_tensors` over the authenticated AES-GCM fast path (sha256 on both sides);
 - tcp: the same bytes on a plain TCP socket, no crypto, no hash (the ceiling).
 
-`bulk_cpu_s` is the sender's plus the receiver's CPU seconds (psutil) per bulk transfer.
-Targets (issue 4): bulk ≥ 10 × default and ≥ 1000 MiB/s.
+`<way>_cpu_s` is the sender's plus the receiver's CPU seconds (psutil) per transfer, `muxers`
+the muxer each libp2p way negotiated (checked, so a figure cannot come from the wrong path).
+Targets (issue 4): bulk ≥ 10 × default and ≥ 1000 MiB/s; stream ≥ 2 × default.
 """
 
 from __future__ import annotations
@@ -31,6 +39,8 @@ import trio
 from _common import clean_env, emit, machine, make_parser, median, progress, rounded
 
 STREAM_PROTOCOL = "/hivenode/bench-stream/1.0.0"
+WAYS = ("default", "stream", "bulk", "tcp")
+LOCALHOST = "/ip4/127.0.0.1/tcp/0"
 TIMEOUT = 300.0
 LENGTH = struct.Struct(">Q")
 
@@ -43,7 +53,7 @@ def make_node(base: Path) -> Any:
     from hivenode.agent.settings import Settings
 
     settings = Settings(
-        listen_addrs=["/ip4/127.0.0.1/tcp/0"],
+        listen_addrs=[LOCALHOST],
         state_dir=base / "state",
         runtime_dir=base / "run",
         metrics_enabled=False,
@@ -52,10 +62,18 @@ def make_node(base: Path) -> Any:
     return Node(settings, create_new_key_pair(), HardwareProbe(base))
 
 
+def make_plain_host() -> Any:
+    """A py-libp2p host with its defaults: what `default` measures."""
+    from libp2p import new_host
+
+    return new_host()
+
+
 # --- the receiver (child process) ------------------------------------------------------------
 
 
 async def receiver_main(base: Path) -> None:
+    import multiaddr
     from libp2p.custom_types import TProtocol
 
     from hivenode.agent import rpc
@@ -64,6 +82,7 @@ async def receiver_main(base: Path) -> None:
     from hivenode.protocol.streams import read_message, write_message
 
     node = make_node(base)
+    plain = make_plain_host()
 
     async def ignore(sender: str, meta: Any, tensors: Any) -> None:
         return None
@@ -84,15 +103,17 @@ async def receiver_main(base: Path) -> None:
         await stream.send_all(b"k")
         await stream.aclose()
 
-    async with trio.open_nursery() as nursery:
+    async with plain.run([multiaddr.Multiaddr(LOCALHOST)]), trio.open_nursery() as nursery:
         await nursery.start(node.run)
         bulk = BulkReceiver(node, ignore, max_total_bytes=8 * 1024**3)
         await nursery.start(bulk.run)
         node.swarm.host.set_stream_handler(TProtocol(STREAM_PROTOCOL), on_stream)
+        plain.set_stream_handler(TProtocol(STREAM_PROTOCOL), on_stream)
         listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
         nursery.start_soon(trio.serve_listeners, tcp_sink, listeners)
         ready = {
             "addr": node.swarm.listen_addrs()[0],
+            "plain_addr": str(plain.get_addrs()[0]),
             "tcp_port": listeners[0].socket.getsockname()[1],
         }
         print(json.dumps(ready), flush=True)
@@ -104,19 +125,22 @@ async def receiver_main(base: Path) -> None:
 # --- the sender (this process) ---------------------------------------------------------------
 
 
-async def send_default(node: Any, peer_id: str, payload: np.ndarray) -> None:
+async def send_message(host: Any, peer_id: Any, payload: np.ndarray) -> str:
+    """One `write_message` of `payload` on a new stream, until the receiver's reply; the muxer
+    the stream ran on."""
     from libp2p.custom_types import TProtocol
-    from libp2p.peer.id import ID
 
     from hivenode.agent import rpc
+    from hivenode.agent.muxer import muxer_of
     from hivenode.protocol.message import Message
     from hivenode.protocol.streams import read_message, write_message
 
-    stream = await node.swarm.host.new_stream(ID.from_base58(peer_id), [TProtocol(STREAM_PROTOCOL)])
+    stream = await host.new_stream(peer_id, [TProtocol(STREAM_PROTOCOL)])
     adapter = rpc.StreamAdapter(stream)
-    await write_message(adapter, Message("put", 1, node.peer_id, {}, (payload,)))
+    await write_message(adapter, Message("put", 1, str(host.get_id()), {}, (payload,)))
     await read_message(adapter)
     await rpc.close_quietly(stream)
+    return muxer_of(stream)
 
 
 async def send_tcp(port: int, payload: np.ndarray) -> None:
@@ -129,7 +153,16 @@ async def send_tcp(port: int, payload: np.ndarray) -> None:
         assert await stream.receive_some(1) == b"k"
 
 
-async def sender_main(size_mib: int, repeats: int, base: Path) -> dict[str, Any]:
+EXPECTED_MUXERS = {"default": "yamux", "stream": "hivenode-yamux"}
+
+
+async def sender_main(
+    size_mib: int, repeats: int, base: Path, ways: tuple[str, ...] = WAYS
+) -> dict[str, Any]:
+    import multiaddr
+    from libp2p.peer.id import ID
+    from libp2p.peer.peerinfo import info_from_p2p_addr
+
     from hivenode.agent.bulk import send_tensors
 
     payload = np.random.default_rng(0).standard_normal(size_mib * 2**18).astype(np.float32)
@@ -143,21 +176,28 @@ async def sender_main(size_mib: int, repeats: int, base: Path) -> dict[str, Any]
     try:
         ready = json.loads(await trio.to_thread.run_sync(child.stdout.readline))
         node = make_node(base / "sender")
+        plain = make_plain_host()
         me, them = psutil.Process(), psutil.Process(child.pid)
-        rates: dict[str, list[float]] = {"default": [], "bulk": [], "tcp": []}
-        cpu: list[float] = []
+        rates: dict[str, list[float]] = {way: [] for way in WAYS}
+        cpu: dict[str, list[float]] = {way: [] for way in WAYS}
         paths: set[str] = set()
-        async with trio.open_nursery() as nursery:
+        muxers: dict[str, set[str]] = {way: set() for way in EXPECTED_MUXERS if way in ways}
+        plain_peer = info_from_p2p_addr(multiaddr.Multiaddr(ready["plain_addr"]))
+        async with plain.run([multiaddr.Multiaddr(LOCALHOST)]), trio.open_nursery() as nursery:
             await nursery.start(node.run)
             peer_id = await node.connect(ready["addr"])
+            await plain.connect(plain_peer)
             for round_ in range(repeats):
-                for way in ("default", "bulk", "tcp"):
+                for way in ways:
                     progress(f"round {round_ + 1}/{repeats}: {way}")
                     cpu_before = _cpu(me) + _cpu(them)
                     started = time.perf_counter()
                     with trio.fail_after(TIMEOUT):
                         if way == "default":
-                            await send_default(node, peer_id, payload)
+                            muxers[way].add(await send_message(plain, plain_peer.peer_id, payload))
+                        elif way == "stream":
+                            to = ID.from_base58(peer_id)
+                            muxers[way].add(await send_message(node.swarm.host, to, payload))
                         elif way == "bulk":
                             report = await send_tensors(node, peer_id, [payload], timeout=TIMEOUT)
                             paths.add(report.path)
@@ -165,8 +205,7 @@ async def sender_main(size_mib: int, repeats: int, base: Path) -> dict[str, Any]
                             await send_tcp(ready["tcp_port"], payload)
                     seconds = time.perf_counter() - started
                     rates[way].append(size_mib / seconds)
-                    if way == "bulk":
-                        cpu.append(_cpu(me) + _cpu(them) - cpu_before)
+                    cpu[way].append(_cpu(me) + _cpu(them) - cpu_before)
                     progress(f"  {size_mib / seconds:.0f} MiB/s")
             node.stop()
             nursery.cancel_scope.cancel()
@@ -176,17 +215,27 @@ async def sender_main(size_mib: int, repeats: int, base: Path) -> dict[str, Any]
             child.wait(15)
         except subprocess.TimeoutExpired:
             child.kill()
-    default, bulk, tcp = (median(rates[w]) or 0.0 for w in ("default", "bulk", "tcp"))
+    for way, found in muxers.items():
+        if found != {EXPECTED_MUXERS[way]}:  # a figure from another path than its name says
+            raise RuntimeError(f"{way} ran on {sorted(found)}, not {EXPECTED_MUXERS[way]}")
+    default, stream, bulk, tcp = (median(rates[w]) for w in WAYS)  # None: not measured
+    bulk_met = bool(default and bulk and bulk >= 10 * default and bulk >= 1000)
+    stream_met = bool(default and stream and stream >= 2 * default)
     return {
         "size_mib": size_mib,
         "repeats": repeats,
         "default_mib_s": rounded(default),
+        "stream_mib_s": rounded(stream),
         "bulk_mib_s": rounded(bulk),
         "tcp_mib_s": rounded(tcp),
-        "bulk_cpu_s": rounded(median(cpu), 3),
+        **{f"{w}_cpu_s": rounded(median(cpu[w]), 3) for w in WAYS},
         "bulk_paths": sorted(paths),
-        "bulk_vs_default": rounded(bulk / default if default else None, 1),
-        "targets_met": bool(default and bulk >= 10 * default and bulk >= 1000),
+        "muxers": {w: sorted(m) for w, m in muxers.items()},
+        "bulk_vs_default": rounded(bulk / default if bulk and default else None, 1),
+        "stream_vs_default": rounded(stream / default if stream and default else None, 2),
+        "bulk_target_met": bulk_met,
+        "stream_target_met": stream_met,
+        "targets_met": bulk_met and stream_met,
         "samples_mib_s": {w: [round(r, 1) for r in v] for w, v in rates.items()},
         "machine": machine(),
     }
@@ -204,15 +253,24 @@ def main() -> None:
     parser = make_parser(__doc__.splitlines()[0] if __doc__ else "")
     parser.add_argument("--size-mib", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--ways", default=",".join(WAYS), help="comma-separated subset of " + ",".join(WAYS)
+    )
     args = parser.parse_args()
+    ways = tuple(w for w in WAYS if w in args.ways.split(","))  # measured in this order
+    if not ways or set(args.ways.split(",")) - set(WAYS):
+        parser.error(f"--ways takes a comma-separated subset of {','.join(WAYS)}")
     with tempfile.TemporaryDirectory(prefix="hivenode-bench-transfer-") as tmp:
-        result = trio.run(sender_main, args.size_mib, args.repeats, Path(tmp))
+        result = trio.run(sender_main, args.size_mib, args.repeats, Path(tmp), ways)
     rows = [
-        ("libp2p default stream (MiB/s)", result["default_mib_s"]),
+        ("py-libp2p default stream (MiB/s)", result["default_mib_s"]),
+        ("hivenode tuned stream (MiB/s)", result["stream_mib_s"]),
         ("bulk fast path (MiB/s)", result["bulk_mib_s"]),
         ("plain TCP (MiB/s)", result["tcp_mib_s"]),
+        ("tuned stream / default", result["stream_vs_default"]),
         ("bulk CPU per transfer (s)", result["bulk_cpu_s"]),
-        ("bulk ≥ 10× default and ≥ 1000 MiB/s", result["targets_met"]),
+        ("stream ≥ 2× default", result["stream_target_met"]),
+        ("bulk ≥ 10× default and ≥ 1000 MiB/s", result["bulk_target_met"]),
     ]
     emit(result, args.json, rows, f"transfer of {args.size_mib} MiB, median of {args.repeats}")
 

@@ -11,7 +11,15 @@ import typer
 
 from hivenode.cli_common import EXIT_FAILURE, EXIT_USAGE, JsonOpt, console, emit_json, fail
 
-SCENARIOS = ("kill-trainers", "slow-nodes", "byzantine", "kill-aggregator")
+SCENARIOS = (
+    "kill-trainers",
+    "slow-nodes",
+    "lossy-links",
+    "partition-heal",
+    "byzantine",
+    "kill-aggregator",
+    "restart-all",
+)
 ATTACKS = "sign-flip | scale | nan | inf | random | mixed"
 SHOWN_DETAILS = (
     "killed_trainers",
@@ -22,6 +30,13 @@ SHOWN_DETAILS = (
     "resumed_from_round",
     "replication",
     "attackers",
+    "messages_lost",
+    "partitioned_rounds",
+    "participants_after_heal",
+    "rounds_reported_before_kill",
+    "registry_intact",
+    "qtable_intact",
+    "first_job_intact",
     "error",
 )
 """What the table shows of a report's details besides the figures (--json has them all)."""
@@ -39,15 +54,27 @@ def sim_chaos(
             "--attackers",
             min=0,
             max=1,
-            help="Share of trainers killed or slowed (0.3), or hostile (byzantine: 0.2).",
+            help="Share of trainers killed or slowed (0.3), hostile (byzantine: 0.2), with "
+            "lossy links (1.0) or cut off (partition-heal: 0.5).",
         ),
     ] = None,
     at: Annotated[
         int, typer.Option(min=0, help="The round the fault strikes in (0: a third of the way).")
     ] = 0,
     rejoin_after: Annotated[
-        int, typer.Option(min=0, help="kill-trainers: rounds until they restart (0: never).")
+        int,
+        typer.Option(
+            min=0,
+            help="kill-trainers: rounds until they restart (0: never); partition-heal: rounds "
+            "until the partition heals.",
+        ),
     ] = 3,
+    loss: Annotated[
+        float, typer.Option(min=0, max=0.99, help="lossy-links: chance a message is lost.")
+    ] = 0.1,
+    jitter: Annotated[
+        float, typer.Option(min=0, help="lossy-links: each message held up U(0, JITTER) s.")
+    ] = 0.2,
     delay: Annotated[
         float, typer.Option(min=0, help="slow-nodes: seconds added to every train message.")
     ] = 3.0,
@@ -97,6 +124,8 @@ def sim_chaos(
         at_round=at,
         rejoin_after=rejoin_after,
         delay_s=delay,
+        loss=loss,
+        jitter_s=jitter,
         attack=attack,
         defences=tuple(d.strip() for d in defences.split(",") if d.strip()),
     )

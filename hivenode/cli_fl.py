@@ -54,6 +54,13 @@ def sim_fl(
     screen: Annotated[
         bool, typer.Option(help="Screen train updates (finite, norm bound) before aggregating.")
     ] = True,
+    compression: Annotated[
+        str,
+        typer.Option(
+            help="How trainers compress updates: none | fp16 | int8 | topk:F"
+            " | topk:F:no-feedback (F: the share of each array's update sent)."
+        ),
+    ] = "none",
     out: Annotated[Path | None, typer.Option(help="write metrics JSON/CSV and a plot here")] = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -62,6 +69,7 @@ def sim_fl(
 
     from hivenode.aggregator.runner import JobError
     from hivenode.models.training.backend import TrainingError
+    from hivenode.protocol.compression import CompressionError, UpdateCompression
     from hivenode.sim.fl import FlSimConfig, StrategyRun, run_fl_sim, write_results
     from hivenode.sim.fl_datasets import DatasetSpecError
     from hivenode.sim.hostile import hostile_trainers
@@ -76,6 +84,10 @@ def sim_fl(
         hostile_trainers(nodes, attackers, attack)
     except ValueError as exc:
         fail(f"--attack: {exc}", EXIT_USAGE)
+    try:
+        scheme = str(UpdateCompression.parse(compression))
+    except CompressionError as exc:
+        fail(str(exc), EXIT_USAGE)
     config = FlSimConfig(
         nodes=nodes,
         dataset=dataset,
@@ -94,6 +106,7 @@ def sim_fl(
         attack=attack,
         screen_updates=screen,
         deadline_s=deadline,
+        compression=scheme,
     )
     with _progress(not as_json, [r.label for r in runs], rounds) as on_round:
         try:
@@ -104,6 +117,8 @@ def sim_fl(
             fail(str(group.exceptions[0]), EXIT_FAILURE)
     split = "" if dataset.startswith(("synthetic:", "file:")) else f" ({partition})"
     title = f"{dataset}{split}, {nodes} nodes, {model}, stragglers {stragglers:g}"
+    if scheme != "none":
+        title += f", updates {scheme}"
     summary = {o.label: o.summary() for o in outcomes}
     written = write_results(outcomes, out, title) if out else []
     if as_json:
@@ -147,7 +162,8 @@ def _print_summary(title: str, summary: dict[str, Any], written: list[Path]) -> 
     from rich.table import Table
 
     table = Table(title=title)
-    for column in ("strategy", "rounds", "final accuracy", "final loss", "overhead/round", "wall"):
+    columns = ("strategy", "rounds", "final accuracy", "final loss", "overhead/round", "in/round")
+    for column in (*columns, "wall"):
         table.add_column(column, justify="left" if column == "strategy" else "right")
     for label, row in summary.items():
         accuracy, loss = row["final_accuracy"], row["final_loss"]
@@ -157,6 +173,7 @@ def _print_summary(title: str, summary: dict[str, Any], written: list[Path]) -> 
             f"{accuracy:.4f}" if accuracy is not None else "-",
             f"{loss:.4f}" if loss is not None else "-",
             f"{row['round_overhead_ms']:.1f} ms" if row["round_overhead_ms"] is not None else "-",
+            f"{row['bytes_in_per_round'] / 1e3:.1f} kB" if row["bytes_in_per_round"] else "-",
             f"{row['wall_s']:.1f} s",
         )
     out = console()

@@ -34,6 +34,21 @@ def sim_parallel(
         ),
     ] = None,
     fault_step: Annotated[int, typer.Option(min=1)] = 10,
+    kill_stage: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            help="pipeline/model: this stage's node dies; a spare takes over from the last "
+            "checkpoint",
+        ),
+    ] = None,
+    kill_step: Annotated[
+        int | None, typer.Option(min=1, help="with --kill-stage; default: half way")
+    ] = None,
+    spares: Annotated[int, typer.Option(min=0, help="with --kill-stage: spare nodes")] = 1,
+    checkpoint_every: Annotated[
+        int, typer.Option(min=1, help="with --kill-stage: steps between checkpoints")
+    ] = 10,
     peer_timeout: Annotated[
         float, typer.Option(min=0.1, help="seconds before a silent peer or stage is left out")
     ] = 10.0,
@@ -48,6 +63,8 @@ def sim_parallel(
             mode, nodes, seed, steps, batch_size, micro_batches, compression, fault, fault_step,
             peer_timeout,
         )  # fmt: skip
+        if kill_stage is not None:
+            config = _with_kill(config, kill_stage, kill_step, spares, checkpoint_every)
     except ParallelError as exc:
         fail(str(exc), EXIT_USAGE)
     import trio
@@ -85,17 +102,20 @@ def _config(
     fault_step: int,
     peer_timeout: float,
 ) -> Any:
-    from hivenode.parallel.compression import Compression
     from hivenode.parallel.errors import ParallelError
     from hivenode.parallel.faults import Fault
     from hivenode.parallel.simulation import SimConfig
+    from hivenode.protocol.compression import Compression, CompressionError
 
     try:
         chosen_fault = Fault(fault) if fault else None
     except ValueError:
         choices = ", ".join(f.value for f in Fault)
         raise ParallelError(f"--fault must be one of {choices}, not {fault!r}") from None
-    codec = Compression.parse(compression)
+    try:
+        codec = Compression.parse(compression)
+    except CompressionError as exc:
+        raise ParallelError(str(exc)) from None
     if codec is not Compression.NONE and mode != "data":
         raise ParallelError("--compression applies to data parallelism only")
     return SimConfig(
@@ -109,6 +129,20 @@ def _config(
         peer_timeout=peer_timeout,
         fault=chosen_fault,
         fault_step=fault_step,
+    )
+
+
+def _with_kill(
+    config: Any, kill_stage: int, kill_step: int | None, spares: int, checkpoint_every: int
+) -> Any:
+    from dataclasses import replace
+
+    return replace(
+        config,
+        kill_stage=kill_stage,
+        kill_step=kill_step,
+        spares=spares,
+        checkpoint_every=checkpoint_every,
     )
 
 
@@ -139,6 +173,14 @@ def _print_report(report: dict[str, Any]) -> None:
         rows.append(("replicas identical", "yes" if report["replicas_identical"] else "NO"))
     if report["fault"]:
         rows.append(("fault", f"{report['fault']}: {report['time_lost_s']:.3f} s lost"))
+    if report.get("failover_step") is not None:
+        rows.append(
+            (
+                f"stage {report['kill_stage']} failed over at step",
+                f"{report['failover_step']}, from checkpoint {report['checkpoint_step']} "
+                f"in {report['recovery_s']:.3f} s",
+            )
+        )
     for name, value in rows:
         table.add_row(name, value)
     console().print(table)

@@ -49,13 +49,23 @@ async def running_host(
     psk: str | None = None,
     mdns: bool = False,
 ) -> AsyncIterator[SwarmHost]:
-    """Start a host listening on `listen_addrs`, with pubsub services up before any dial."""
+    """Start a host listening on `listen_addrs`, with pubsub services up before any dial.
+
+    Its muxers are hivenode's (see hivenode.agent.muxer): wide yamux frames with hivenode
+    peers, standard yamux sized to Noise with any other libp2p peer.
+    """
     import multiaddr
     from libp2p import new_host
     from libp2p.pubsub.gossipsub import PROTOCOL_ID, GossipSub
     from libp2p.tools.anyio_service import background_trio_service
 
-    host = new_host(key_pair=key_pair, psk=psk, enable_mDNS=mdns)
+    from hivenode.agent.muxer import hivenode_muxer_options, install_hivenode_muxers
+
+    host = new_host(
+        key_pair=key_pair, psk=psk, enable_mDNS=mdns, muxer_opt=hivenode_muxer_options()
+    )
+    # before run(): every connection, the first included, must get the tuned muxers
+    install_hivenode_muxers(host)
     router = GossipSub(
         [PROTOCOL_ID],
         degree=gossip.degree,

@@ -34,6 +34,7 @@ from hivenode.agent.flower_wire import (
     node_id_of,
 )
 from hivenode.agent.rpc import Reply
+from hivenode.agent.update_codec import encode_update_off_loop
 from hivenode.fsutil import atomic_write
 from hivenode.protocol.advert import DatasetInfo
 from hivenode.protocol.errors import ProtocolError
@@ -89,6 +90,8 @@ class Trainer:
         started = time.monotonic()
         reply = await self._run(self.apps[app], message, job_context.context)
         compute_s = time.monotonic() - started
+        # the job may ask for a compressed update; top-k's residual is job state, saved below
+        reply = await encode_update_off_loop(message, reply, job_context.context.state)
         job_context.messages += 1
         self.messages_handled += 1
         await trio.to_thread.run_sync(_save_state, job_context)

@@ -38,6 +38,8 @@ class Checkpoint:
     arrays: dict[str, NDArray]
     control: dict[str, NDArray] | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
+    trainers: list[str] = field(default_factory=list)
+    """The job's trainers in partition order: a resumed job waits for the same ones."""
 
 
 def save_checkpoint(job_dir: Path, checkpoint: Checkpoint) -> None:
@@ -50,6 +52,7 @@ def save_checkpoint(job_dir: Path, checkpoint: Checkpoint) -> None:
         "round": checkpoint.round,
         "keys": list(checkpoint.arrays),
         "history": checkpoint.history,
+        "trainers": checkpoint.trainers,
     }
     atomic_write(job_dir / CHECKPOINT_FILE, json.dumps(index).encode())
     for old in (job_dir / "rounds").glob("round-*"):
@@ -73,7 +76,8 @@ def load_checkpoint(job_dir: Path) -> Checkpoint | None:
             if control_path.exists()
             else None
         )
-        return Checkpoint(int(index["round"]), arrays, control, list(index["history"]))
+        trainers = [str(p) for p in index.get("trainers", [])]  # absent: written before 0.x
+        return Checkpoint(int(index["round"]), arrays, control, list(index["history"]), trainers)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"checkpoint in {job_dir} is unreadable: {exc}") from exc
 

@@ -31,6 +31,7 @@ from hivenode.agent.errors import RpcError
 from hivenode.agent.flower_wire import decode_flower, encode_flower, node_id_of
 from hivenode.agent.node import Node
 from hivenode.agent.rpc import StreamPool
+from hivenode.agent.update_codec import decode_update_off_loop
 from hivenode.aggregator.update_screen import screen_train_replies
 from hivenode.protocol.errors import ProtocolError
 from hivenode.protocol.ids import FL_PROTOCOL
@@ -343,6 +344,8 @@ class SwarmGrid(Grid):
             meta = dict(reply_body["meta"])
             meta["group_id"] = message.metadata.group_id  # undo the shift for the strategy
             reply = decode_flower({**reply_body, "meta": meta}, reply_tensors)
+            # a compressed update becomes the trainer's arrays again, rebuilt from ours
+            reply = await decode_update_off_loop(message, reply)
         except (ProtocolError, KeyError, TypeError) as exc:
             raise RpcError("bad_reply", f"undecodable Flower reply: {exc}") from exc
         if reply.metadata.reply_to_message_id != message.metadata.message_id:

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from hivenode.models.training.backend import ModelSpec
+from hivenode.protocol.compression import UPDATE_SCHEMES, UpdateCompression
 
 ConfigValues = dict[
     str,
@@ -104,6 +105,11 @@ class JobSpec(_Strict):
         description="the screen rejects an update whose norm ‖w_i − w_global‖ exceeds this ×"
         " the round's median (0: no norm bound, the finiteness check stays)",
     )
+    compression: str = Field(
+        "none",
+        description=f"how trainers compress their updates: {UPDATE_SCHEMES}"
+        " (hivenode.agent.update_codec)",
+    )
     seed: int = 0
     target_accuracy: float = Field(
         0.9, gt=0, le=1, description="what the planner's reward counts as reaching the goal"
@@ -122,6 +128,11 @@ class JobSpec(_Strict):
     train: TrainSection = Field(default_factory=TrainSection)
     parallel: ParallelSection | None = None
 
+    @field_validator("compression")
+    @classmethod
+    def _known_compression(cls, value: str) -> str:
+        return str(UpdateCompression.parse(value))  # canonical: trainers parse the same text
+
     @model_validator(mode="after")
     def _consistent(self) -> JobSpec:
         if self.min_clients > self.clients_per_round:
@@ -130,6 +141,9 @@ class JobSpec(_Strict):
             raise ValueError("parallel: trains the built-in torch models only")
         if self.flower_app is None and not self.dataset:
             raise ValueError("dataset: a job of the built-in app names the data it trains on")
+        if self.flower_app is not None and self.compression != "none":
+            # a Flower app's own strategy writes the train config that would carry the scheme
+            raise ValueError("compression: applies to jobs of the built-in app only")
         return self
 
     def train_config(self) -> ConfigValues:
@@ -144,6 +158,8 @@ class JobSpec(_Strict):
             "straggler-fraction": self.train.straggler_fraction,
             # trainers stop early enough for their reply to travel before the round closes
             "deadline-s": self.deadline_s * TRAINER_DEADLINE_SHARE,
+            # absent unless asked: trainers that predate compression see the same config
+            **({"compression": self.compression} if self.compression != "none" else {}),
         }
 
     def evaluate_config(self) -> ConfigValues:

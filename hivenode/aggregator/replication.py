@@ -75,6 +75,7 @@ def encode_replica(job: JobSpec, checkpoint: Checkpoint) -> tuple[dict[str, Any]
         "round": checkpoint.round,
         "keys": keys,
         "control": checkpoint.control is not None,
+        "trainers": checkpoint.trainers,
     }
     return body, tensors
 
@@ -104,7 +105,10 @@ def decode_replica(
         raise RpcError("bad_request", "the replica's history must be a list of records")
     arrays = dict(zip(keys, tensors[1 : 1 + len(keys)], strict=True))
     control_arrays = dict(zip(keys, tensors[1 + len(keys) :], strict=True)) if control else None
-    return job, Checkpoint(round_number, arrays, control_arrays, history)
+    trainers = body.get("trainers", [])
+    if not isinstance(trainers, list) or not all(isinstance(p, str) for p in trainers):
+        raise RpcError("bad_request", "the replica's trainers must be a list of peer ids")
+    return job, Checkpoint(round_number, arrays, control_arrays, history, trainers)
 
 
 class Standby:

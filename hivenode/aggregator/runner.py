@@ -162,6 +162,31 @@ async def wait_for_trainers(
     )
 
 
+async def wait_for_former(
+    node: Node, job: JobSpec, former: Sequence[str], timeout: float
+) -> tuple[list[str], DatasetInfo]:
+    """A resumed job's trainers: the ones it had, in their order (their partition ids), once
+    all are back; after `timeout`, those back if they are at least `min_clients` (a restart
+    of the whole swarm brings them back one by one: taking the first would shrink the job)."""
+    listed = job.model_copy(update={"trainers": list(former)})
+    peers: list[str] = []
+    info: DatasetInfo | None = None
+    with trio.move_on_after(timeout):
+        while True:
+            peers, info = select_trainers(node, listed)
+            if len(peers) == len(former):
+                break
+            await trio.sleep(0.2)
+    if info is None or len(peers) < job.min_clients:
+        raise JobError(
+            f"{len(peers)} of the job's {len(former)} trainers came back within "
+            f"{timeout:.0f} s; it needs {job.min_clients}"
+        )
+    if len(peers) < len(former):
+        log.warning("job %s resumes with %d of its %d trainers", job.name, len(peers), len(former))
+    return peers, info
+
+
 async def run_job(
     node: Node,
     job: JobSpec,
@@ -177,9 +202,12 @@ async def run_job(
     standby that holds each round when it ends loses no finished round if this node dies
     (`hivenode.aggregator.replication`). It must not raise; it costs the round its time."""
     started = time.monotonic()
-    trainers, info = await wait_for_trainers(node, job, trainer_wait_s)
-    check_same_data(node, job, trainers)
     checkpoint = await trio.to_thread.run_sync(load_checkpoint, job_dir)
+    if checkpoint is not None and checkpoint.trainers and not job.trainers:
+        trainers, info = await wait_for_former(node, job, checkpoint.trainers, trainer_wait_s)
+    else:
+        trainers, info = await wait_for_trainers(node, job, trainer_wait_s)
+    check_same_data(node, job, trainers)
     done = checkpoint.round if checkpoint else 0
     if checkpoint is not None:
         arrays = checkpoint.arrays
@@ -267,6 +295,7 @@ async def _run_rounds(
                 {k: np.asarray(v) for k, v in arrayrecord_to_numpy(round_arrays).items()},
                 scaffold_control,
                 [r.as_json() for r in recorder.history],
+                list(trainers),
             )
             trio.from_thread.run_sync(to_writer.send_nowait, (checkpoint, record), trio_token=token)
             if replicate is not None:

@@ -44,11 +44,11 @@ from hivenode.agent.errors import RpcError
 from hivenode.agent.node import Node
 from hivenode.agent.rpc import OK, Reply, StreamPool
 from hivenode.parallel import wire
-from hivenode.parallel.compression import Compression, Vector, decode, encode
 from hivenode.parallel.errors import ParallelError, first_error
 from hivenode.parallel.parts import part_bounds
 from hivenode.parallel.reducer import Contribution, PartResult, Reductions
 from hivenode.parallel.router import ParallelRouter
+from hivenode.protocol.compression import Compression, Vector, decode, encode
 from hivenode.protocol.errors import ProtocolError
 from hivenode.protocol.ids import ALLREDUCE_PROTOCOL
 from hivenode.protocol.message import Message, encode_message

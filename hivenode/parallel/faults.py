@@ -1,22 +1,28 @@
-"""Named fault scenarios for data-parallel peers, shared by the tests and the simulator.
+"""Named fault scenarios for data-parallel peers and pipeline stages, shared by the tests
+and the simulator.
 
-A fault is injected by subclassing the `Averager`: the peer behaves normally until the
-chosen step, then fails the named way.
+A data-parallel fault is injected by subclassing the `Averager`: the peer behaves normally
+until the chosen step, then fails the named way. A pipeline stage's node is killed through
+the stage's `on_step` (`StageKill`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from enum import Enum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
 from hivenode.agent.rpc import Reply
 from hivenode.parallel.allreduce import Averager, StepResult
-from hivenode.parallel.compression import Vector
 from hivenode.parallel.reducer import PartResult
+from hivenode.protocol.compression import Vector
 from hivenode.protocol.message import Message
+
+if TYPE_CHECKING:  # the pipeline imports torch; the data-parallel faults do not need it
+    from hivenode.parallel.pipeline import StageStep
 
 
 class Fault(Enum):
@@ -69,3 +75,22 @@ def faulty_averager(
             return reply
 
     return FaultyAverager
+
+
+@dataclass(frozen=True)
+class StageKill:
+    """The node of pipeline stage `stage` dies as it starts step `step`, having finished the
+    steps before it: `hivenode sim parallel --kill-stage` and the fail-over tests."""
+
+    stage: int
+    step: int
+
+    def on_step(self, die: Callable[[], None]) -> Callable[[StageStep], None]:
+        """The victim stage's `on_step`: calls `die()` once, after step `step - 1`. `die`
+        must cancel the stage's training and stop its node from a task of its own."""
+
+        def hook(record: StageStep) -> None:
+            if record.step == self.step - 1:
+                die()
+
+        return hook

@@ -157,8 +157,8 @@ class ParallelJobWorker:
 
     async def _train_replica(self, run: _Run) -> None:
         from hivenode.parallel.allreduce import AllReduceConfig
-        from hivenode.parallel.compression import Compression
         from hivenode.parallel.data_parallel import DataParallelConfig, Replica
+        from hivenode.protocol.compression import Compression
 
         order = run.order
         data = await trio.to_thread.run_sync(self._data, order)

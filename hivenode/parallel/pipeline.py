@@ -10,7 +10,11 @@ own optimizer. The accumulated gradient is the whole batch's, so a step equals o
 single-node step on the batch. Model parallelism is the same with one micro-batch.
 
 A stage whose neighbour sends nothing for `stage_timeout` seconds fails the step with a
-`ParallelError`; moving a dead stage to a spare node is the job runner's work.
+`ParallelError`. Moving a dead stage to a spare node is `pipeline_failover.py`'s work; for it
+a stage can `snapshot` and `restore` its weights and momentum and `rewind` to a step of a new
+attempt (`epoch`) with new peers. Every activation and gradient names its epoch, and a stage
+refuses those of any other, so nothing sent before a fail-over is mixed into the steps redone
+after it. A peer that sends no epoch is in epoch 0, as every job without fail-over stays.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from hivenode.parallel.allreduce import wire_size
 from hivenode.parallel.data_parallel import Batches
 from hivenode.parallel.errors import ParallelError, first_error
 from hivenode.parallel.router import ParallelRouter
-from hivenode.parallel.torch_state import ModelRecipe, SgdConfig
+from hivenode.parallel.torch_state import MOMENTUM_PREFIX, ModelRecipe, SgdConfig
 from hivenode.protocol.errors import ProtocolError
 from hivenode.protocol.ids import PIPELINE_PROTOCOL
 from hivenode.protocol.message import Message
@@ -45,6 +49,10 @@ ACTIVATION = "activation"
 GRADIENT = "gradient"
 AHEAD_STEPS = 1
 """A neighbour may be this many steps ahead of us (it stepped its optimizer first)."""
+
+Arrays = dict[str, np.ndarray[Any, Any]]
+"""A stage's weights and momentum buffers by whole-model name (momentum under
+`MOMENTUM_PREFIX`): a checkpoint's part."""
 
 
 @dataclass(frozen=True)
@@ -58,6 +66,14 @@ class PipelineConfig:
     micro_batches: int = 4
     stage_timeout: float = 30.0
     """Seconds a stage waits for its neighbour's activation or gradient."""
+    checkpoint_every: int = 10
+    """With fail-over (`pipeline_failover.py`): every stage checkpoints its weights and
+    momentum before each step that is a multiple of this; a fail-over redoes at most this
+    many steps. Stages run without fail-over ignore it."""
+
+    def __post_init__(self) -> None:
+        if self.checkpoint_every < 1:
+            raise ParallelError(f"checkpoint_every must be at least 1, not {self.checkpoint_every}")
 
 
 @dataclass(frozen=True)
@@ -169,6 +185,8 @@ class Stage:
         self.optimizer = config.sgd.optimizer(self.params)
         self.records: list[StageStep] = []
         self.step = 0
+        self.epoch = 0
+        """The attempt this stage runs: a fail-over starts the next one."""
         self._router = router
         self._pool = StreamPool(node.swarm.host, PIPELINE_PROTOCOL)
         self._inbox = _Inbox()
@@ -194,6 +212,64 @@ class Stage:
     async def aclose(self) -> None:
         self._router.detach(PIPELINE_PROTOCOL, self.config.job_id)
         await self._pool.aclose()
+
+    # --- checkpoints and fail-over -------------------------------------------------------
+
+    def _named_params(self) -> dict[str, nn.Parameter]:
+        return {
+            f"{prefix}.{name}": p
+            for prefix, module in self.layers
+            for name, p in module.named_parameters()
+        }
+
+    def snapshot(self) -> Arrays:
+        """Copies of this stage's weights and momentum buffers: its part of a checkpoint.
+        Take it between steps (the optimizer has stepped, no gradient is half summed)."""
+        arrays = {name: t.detach().numpy().copy() for name, t in self.state().items()}
+        for name, param in self._named_params().items():
+            buffer = self.optimizer.state.get(param, {}).get("momentum_buffer")
+            if buffer is not None:
+                arrays[MOMENTUM_PREFIX + name] = buffer.detach().numpy().copy()
+        return arrays
+
+    def restore(self, arrays: Arrays) -> None:
+        """Load a `snapshot` of these layers (this stage's, or a dead one's from a
+        checkpoint); a name or shape that does not fit is a ParallelError.
+
+        The optimizer is rebuilt first: a rollback to a step before momentum existed (step
+        0) must drop the buffers the later steps made, not keep them."""
+        expected = self.state()
+        weights = {k: v for k, v in arrays.items() if not k.startswith(MOMENTUM_PREFIX)}
+        if set(weights) != set(expected):
+            diff = sorted(set(weights) ^ set(expected))[:5]
+            raise ParallelError(f"stage {self.index}: the checkpoint's names differ: {diff}")
+        params = self._named_params()
+        momentum = {k[len(MOMENTUM_PREFIX) :]: v for k, v in arrays.items() if k not in weights}
+        for name, value in [*weights.items(), *momentum.items()]:
+            target = expected.get(name, params.get(name))
+            if target is None or tuple(value.shape) != tuple(target.shape):
+                raise ParallelError(f"stage {self.index}: {name!r} does not fit its layers")
+        self.optimizer = self.config.sgd.optimizer(self.params)
+        with torch.no_grad():
+            for name, tensor in expected.items():
+                tensor.copy_(torch.from_numpy(np.array(weights[name])))
+        for name, value in momentum.items():
+            buffer = torch.from_numpy(np.array(value, dtype=np.float32))
+            self.optimizer.state[params[name]]["momentum_buffer"] = buffer
+
+    def rewind(self, step: int, epoch: int, peers: Sequence[str]) -> None:
+        """Run `step` next, in attempt `epoch`, with `peers` (a spare in the dead stage's
+        place). Messages of earlier attempts are dropped and refused from now on, and the
+        records of the steps to be redone are forgotten."""
+        if len(peers) != len(self.peers) or peers[self.index] != self.node.peer_id:
+            raise ParallelError(f"stage {self.index}: {list(peers)} does not keep us in place")
+        if epoch < self.epoch or not 0 <= step <= self.config.steps:
+            raise ParallelError(f"stage {self.index}: cannot rewind to step {step} of {epoch}")
+        self.peers = tuple(peers)
+        self.epoch = epoch
+        self.step = step
+        self._inbox = _Inbox()
+        self.records = [r for r in self.records if r.step < step]
 
     def _forward(self, inputs: torch.Tensor) -> torch.Tensor:
         for _, module in self.layers:
@@ -238,7 +314,7 @@ class Stage:
                     else:
                         outputs = await self._timed(compute, self._forward, inputs)
                         saved.append((inputs, outputs))
-                        body = {"job": self.config.job_id, "step": step, "micro": micro}
+                        body = self._body(step, micro)
                         body["total"] = total
                         tensors = (outputs.detach().numpy(), labels)
                         sends.start_soon(self._send, self.next, ACTIVATION, body, tensors, sent)
@@ -293,8 +369,11 @@ class Stage:
         grad = inputs.grad
         if grad is None:
             raise ParallelError(f"stage {self.index}: no input gradient for micro-batch {micro}")
-        body = {"job": self.config.job_id, "step": step, "micro": micro}
+        body = self._body(step, micro)
         sends.start_soon(self._send, self.previous, GRADIENT, body, (grad.numpy(),), sent)
+
+    def _body(self, step: int, micro: int) -> dict[str, Any]:
+        return {"job": self.config.job_id, "epoch": self.epoch, "step": step, "micro": micro}
 
     async def _send(
         self,
@@ -337,6 +416,11 @@ class Stage:
             raise RpcError("unknown_method", f"expected activation or gradient: {request.type!r}")
         if caller != expected:
             raise RpcError("not_neighbour", f"{request.type} must come from {expected}")
+        epoch = request.body.get("epoch", 0)
+        if not isinstance(epoch, int) or isinstance(epoch, bool):
+            raise ProtocolError(f"request field 'epoch' must be int, got {epoch!r:.60}")
+        if epoch != self.epoch:  # sent before a fail-over, or by a stage not rewound yet
+            raise RpcError("stale_epoch", f"{request.type} of attempt {epoch}, at {self.epoch}")
         if request.type == ACTIVATION:
             self._check_activation(request)
         elif len(request.tensors) != 1 or request.tensors[0].dtype != np.float32:

@@ -17,7 +17,7 @@ import numpy as np
 import trio
 
 from hivenode.agent.errors import RpcError
-from hivenode.parallel.compression import Compression, Vector, decode, encode
+from hivenode.protocol.compression import Compression, Vector, decode, encode
 
 log = logging.getLogger(__name__)
 

@@ -4,10 +4,16 @@
 Every node is a real libp2p host in this process (one trio loop), training on a seeded
 synthetic task (Gaussian features labelled by a random linear teacher). The single-node
 reference trains the same model from the same initial weights on the same batches.
+
+With `kill_stage` a pipeline runs with fail-over (`pipeline_failover.py`): a coordinator and
+`spares` spare nodes besides the stages, and the stage's node is killed as it starts
+`kill_step`. The weights must still equal the single node's: the job resumes from a
+consistent checkpoint and redoes the same steps.
 """
 
 from __future__ import annotations
 
+import itertools
 import statistics
 import tempfile
 import time
@@ -19,10 +25,10 @@ import numpy as np
 import trio
 
 from hivenode.parallel.allreduce import AllReduceConfig, theoretical_bytes_per_peer
-from hivenode.parallel.compression import Compression
 from hivenode.parallel.errors import ParallelError
-from hivenode.parallel.faults import Fault, faulty_averager
+from hivenode.parallel.faults import Fault, StageKill, faulty_averager
 from hivenode.parallel.local_nodes import LocalNode, LocalNodes, local_nodes
+from hivenode.protocol.compression import Compression
 
 MODES = ("data", "pipeline", "model")
 EQUIVALENCE_TOLERANCE = 1e-5
@@ -52,6 +58,15 @@ class SimConfig:
     fault: Fault | None = None
     """Data only: the last replica fails this way at `fault_step`."""
     fault_step: int = 10
+    kill_stage: int | None = None
+    """Pipeline and model only: this stage's node dies as it starts `kill_step`, and a spare
+    takes the stage over from the last checkpoint."""
+    kill_step: int | None = None
+    """None: half way through the steps."""
+    spares: int = 1
+    """With `kill_stage`: the spare nodes standing by (0: the job must abort)."""
+    checkpoint_every: int = 10
+    """With `kill_stage`: steps between the stages' checkpoints."""
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -59,11 +74,30 @@ class SimConfig:
         if self.nodes < 2 if self.mode == "data" else self.nodes < 1:
             raise ParallelError(f"{self.mode} parallelism needs more nodes than {self.nodes}")
         if self.fault is not None and (self.mode != "data" or self.nodes < 3):
-            raise ParallelError("faults are simulated for data parallelism on 3 or more nodes")
+            raise ParallelError(
+                "faults are simulated for data parallelism on 3 or more nodes (a pipeline "
+                "stage's node is killed with kill_stage)"
+            )
+        if self.kill_stage is not None:
+            self._check_kill(self.kill_stage)
         if self.fault is not None and not 0 < self.fault_step < self.steps - 1:
             raise ParallelError(f"the fault step must lie inside the {self.steps} steps")
         if self.steps < 2 or self.batch_size < 1:
             raise ParallelError("need at least 2 steps and a batch of at least 1")
+
+    def _check_kill(self, stage: int) -> None:
+        if self.mode == "data":
+            raise ParallelError("only a pipeline stage is killed: use mode pipeline or model")
+        if not 0 <= stage < self.nodes:
+            raise ParallelError(f"the stage to kill must be 0 … {self.nodes - 1}, not {stage}")
+        if not 0 < self.stage_kill_step < self.steps:
+            raise ParallelError(f"the kill step must lie inside the {self.steps} steps")
+        if self.spares < 0 or self.checkpoint_every < 1:
+            raise ParallelError("need 0 or more spares and checkpoint_every of at least 1")
+
+    @property
+    def stage_kill_step(self) -> int:
+        return self.kill_step if self.kill_step is not None else self.steps // 2
 
     @property
     def widths(self) -> tuple[int, ...]:
@@ -101,7 +135,15 @@ class SimReport:
     fault: str | None = None
     time_lost_s: float | None = None
     """With a fault: what the failed step and the next (where a death is found out) took
-    beyond the median step."""
+    beyond the median step. With a killed stage: the whole run's time beyond (steps − 1)
+    median steps: finding the death, the fail-over and the steps redone."""
+    kill_stage: int | None = None
+    failover_step: int | None = None
+    """The step the pipeline failed at."""
+    checkpoint_step: int | None = None
+    """The checkpoint it resumed from: it redid the steps from there."""
+    recovery_s: float | None = None
+    """From the failure reaching the coordinator to every stage resumed."""
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
@@ -132,6 +174,8 @@ async def run_parallel_sim(config: SimConfig, work_dir: Path | None = None) -> S
             members = [await swarm.start() for _ in range(config.nodes)]
             if config.mode == "data":
                 report = await _run_data(config, swarm, members, recipe, sgd, x, y)
+            elif config.kill_stage is not None:
+                report = await _run_failover(config, swarm, members, recipe, sgd, x, y)
             else:
                 report = await _run_pipeline(config, members, recipe, sgd, x, y)
     reference, seconds = await trio.to_thread.run_sync(
@@ -291,6 +335,141 @@ async def _run_pipeline(
         step_ms_p50=statistics.median(r.seconds for r in stages[0].records) * 1000,
         compression="none",
         extra={"states": combined, "cuts": cuts, "micro_batches": micro},
+    )
+
+
+async def _run_failover(
+    config: SimConfig,
+    swarm: LocalNodes,
+    members: list[LocalNode],
+    recipe: Any,
+    sgd: Any,
+    x: np.ndarray[Any, Any],
+    y: np.ndarray[Any, Any],
+) -> SimReport:
+    """The pipeline with a coordinator on a node of its own (the node a job is submitted
+    to) and `spares` spare nodes; the node of stage `kill_stage` dies at `kill_step`."""
+    from hivenode.parallel.data_parallel import global_batches
+    from hivenode.parallel.pipeline import PipelineConfig, Stage, StageStep, stage_cuts
+    from hivenode.parallel.pipeline_failover import FailoverStage, PipelineCoordinator
+    from hivenode.parallel.torch_state import parameter_count
+
+    assert config.kill_stage is not None
+    kill = StageKill(config.kill_stage, config.stage_kill_step)
+    micro = config.micro_batches if config.mode == "pipeline" else 1
+    job = PipelineConfig(
+        f"sim-{config.mode}-failover-{config.seed}",
+        recipe,
+        sgd,
+        config.steps,
+        micro,
+        config.peer_timeout,
+        config.checkpoint_every,
+    )
+    cuts = stage_cuts(recipe, config.nodes)
+    spare_nodes = [await swarm.start() for _ in range(config.spares)]
+    boss = await swarm.start("coordinator")
+    peers = [m.peer_id for m in members]
+    batches = global_batches(x, y, config.batch_size)
+    coordinator = PipelineCoordinator(
+        boss.node, boss.router, job, peers, cuts, [n.peer_id for n in spare_nodes]
+    )
+    runners = [
+        FailoverStage(
+            m.node,
+            m.router,
+            job,
+            boss.peer_id,
+            Stage(m.node, m.router, job, peers, i, cuts),
+            batches if i == 0 else None,
+        )
+        for i, m in enumerate(members)
+    ]
+    runners += [
+        FailoverStage(n.node, n.router, job, boss.peer_id, batches=batches) for n in spare_nodes
+    ]
+    victim = members[kill.stage]
+    victim_scope = trio.CancelScope()
+    errors: list[ParallelError] = []
+    step_ends: list[float] = []  # of whichever node holds the first stage, redone steps too
+
+    def die() -> None:
+        victim_scope.cancel()
+        nursery.start_soon(swarm.kill, victim)
+
+    async def train(runner: FailoverStage, index: int) -> None:
+        dies = kill.on_step(die) if index == kill.stage else None
+
+        def on_step(record: StageStep) -> None:
+            if runner.stage is not None and runner.stage.first:
+                step_ends.append(time.perf_counter())
+            if dies is not None:
+                dies(record)
+
+        try:
+            with victim_scope if index == kill.stage else trio.CancelScope():
+                await runner.train(on_step=on_step)
+        except ParallelError as exc:
+            errors.append(exc)
+
+    async def coordinate() -> None:
+        try:
+            await coordinator.run()
+        except ParallelError as exc:
+            errors.insert(0, exc)  # the coordinator says best what went wrong
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(coordinate)
+        for index, runner in enumerate(runners):
+            nursery.start_soon(train, runner, index)
+    for runner in runners:
+        if runner.node is not victim.node:
+            await runner.aclose()
+    if errors:
+        raise errors[0]
+    by_peer = {r.node.peer_id: r.stage for r in runners if r.stage is not None}
+    stages = [by_peer[peer] for peer in coordinator.peers]
+    combined: dict[str, Any] = {}
+    for stage in stages:
+        combined.update(stage.state())
+    records = [{r.step: r for r in stage.records} for stage in stages]
+    common = sorted(set.intersection(*(set(r) for r in records)) - {0})
+    sent = [sum(r[step].bytes_sent for r in records) for step in common]
+    span = step_ends[-1] - step_ends[0]
+    usual = statistics.median(b - a for a, b in itertools.pairwise(step_ends))
+    failover = coordinator.failovers[0] if coordinator.failovers else None
+    return SimReport(
+        mode=config.mode,
+        nodes=config.nodes,
+        seed=config.seed,
+        steps=config.steps,
+        global_batch=config.global_batch,
+        parameters=parameter_count(recipe.build()),
+        # the steps that count, over the whole time: redone steps are lost time
+        samples_per_s=(config.steps - 1) * config.global_batch / span if span > 0 else 0.0,
+        single_node_samples_per_s=0.0,
+        max_param_diff=0.0,
+        equivalent=None,
+        replicas_identical=None,
+        bytes_per_step=statistics.median(sent),
+        bytes_per_node_per_step=statistics.median(sent) / config.nodes,
+        theoretical_bytes_per_node=None,
+        step_ms_p50=statistics.median(r.seconds for r in stages[0].records) * 1000,
+        compression="none",
+        fault="kill-stage",
+        time_lost_s=span - (config.steps - 1) * usual,
+        kill_stage=kill.stage,
+        failover_step=failover.failed_step if failover else None,
+        checkpoint_step=failover.checkpoint_step if failover else None,
+        recovery_s=failover.recovery_s if failover else None,
+        extra={
+            "states": combined,
+            "cuts": cuts,
+            "micro_batches": micro,
+            "kill_step": kill.step,
+            "checkpoint_every": config.checkpoint_every,
+            "failovers": [asdict(f) for f in coordinator.failovers],
+        },
     )
 
 

@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from hivenode.models.training.zoo import build_model
-from hivenode.parallel.compression import Vector
 from hivenode.parallel.errors import ParallelError
+from hivenode.protocol.compression import Vector
 
 MOMENTUM_PREFIX = "optimizer.momentum."
 

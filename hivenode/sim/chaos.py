@@ -11,6 +11,15 @@ Scenarios (`Scenario`), on digits split over N trainers with label skew by defau
 - `byzantine`: `fraction` of the trainers send attacked updates (`hivenode.sim.hostile`);
   every defence in `defences` runs clean and attacked. "NAME" is the strategy alone,
   "NAME+screen" the strategy behind the update screen.
+- `lossy-links`: every train message to `fraction` of the trainers (all by default) is held
+  up U(0, `jitter_s`) s and lost with probability `loss` (seeded): a lost message is never
+  answered, so that trainer misses the round (the round waits for its deadline).
+- `partition-heal`: from round `at`, `fraction` of the trainers (half by default) are cut
+  off: every message to them is lost for `rejoin_after` rounds; then the partition heals.
+  Both act on the trainers' FL streams, at the message level (py-libp2p has no packet-level
+  fault injection; over TCP, loss shows as delay, and a broken link as a missing message).
+- `restart-all`: every node of a swarm of `hivenode run` processes SIGKILLed mid-job and
+  started again (`hivenode.sim.chaos_restart`).
 - `kill-aggregator`: a standby holds every round's checkpoint (`aggregator.replication`);
   the aggregator is killed once the first trainer has done its round-`at` work, and the
   standby resumes the job once the aggregator has missed 3 pings.
@@ -60,6 +69,9 @@ class Scenario(Enum):
     SLOW_NODES = "slow-nodes"
     BYZANTINE = "byzantine"
     KILL_AGGREGATOR = "kill-aggregator"
+    LOSSY_LINKS = "lossy-links"
+    PARTITION_HEAL = "partition-heal"
+    RESTART_ALL = "restart-all"
 
 
 @dataclass(frozen=True)
@@ -85,6 +97,10 @@ class ChaosConfig:
     delay_s: float = 3.0
     attack: str = "scale"
     defences: tuple[str, ...] = DEFAULT_DEFENCES
+    loss: float = 0.1
+    """lossy-links: the chance that a train message is lost on the way."""
+    jitter_s: float = 0.2
+    """lossy-links: each train message is held up U(0, jitter_s) seconds on the way."""
 
     @property
     def fault_round(self) -> int:
@@ -94,6 +110,10 @@ class ChaosConfig:
     def share(self) -> float:
         if self.fraction is not None:
             return self.fraction
+        if self.scenario is Scenario.PARTITION_HEAL:
+            return 0.5
+        if self.scenario is Scenario.LOSSY_LINKS:
+            return 1.0
         return 0.2 if self.scenario is Scenario.BYZANTINE else 0.3
 
     @property
@@ -178,10 +198,18 @@ async def run_chaos(config: ChaosConfig, progress: Progress | None = None) -> Ch
         from hivenode.sim.chaos_byzantine import byzantine
 
         return await byzantine(config, devices, say)
+    if config.scenario is Scenario.RESTART_ALL:
+        from hivenode.sim.chaos_restart import restart_all
+
+        return await restart_all(config, devices, say)
     if config.scenario is Scenario.KILL_AGGREGATOR:
         from hivenode.sim.chaos_aggregator import kill_aggregator_run
 
         one_run: Any = kill_aggregator_run
+    elif config.scenario in (Scenario.LOSSY_LINKS, Scenario.PARTITION_HEAL):
+        from hivenode.sim.chaos_links import link_faults_run
+
+        one_run = link_faults_run
     else:
         from hivenode.sim.chaos_trainers import trainer_faults_run
 
@@ -196,9 +224,15 @@ async def run_chaos(config: ChaosConfig, progress: Progress | None = None) -> Ch
 def _check(config: ChaosConfig) -> None:
     if not 1 <= config.fault_round <= config.rounds:
         raise ChaosError(f"--at {config.fault_round} is not a round of 1..{config.rounds}")
-    if not 0 < config.share < 1:
+    whole = config.scenario is Scenario.LOSSY_LINKS  # every link may be lossy
+    if not (0 < config.share <= 1 if whole else 0 < config.share < 1):
         raise ChaosError(f"--fraction must be between 0 and 1, not {config.share}")
-    if config.scenario is not Scenario.KILL_AGGREGATOR and config.affected < 1:
+    if not 0 <= config.loss < 1 or config.jitter_s < 0:
+        raise ChaosError(
+            f"--loss must be in [0, 1) and --jitter ≥ 0 ({config.loss}, {config.jitter_s})"
+        )
+    everyone = (Scenario.KILL_AGGREGATOR, Scenario.RESTART_ALL)
+    if config.scenario not in everyone and config.affected < 1:
         raise ChaosError(f"--fraction {config.share} of {config.nodes} trainers is nobody")
     byzantine = config.scenario is Scenario.BYZANTINE
     known = get_args(StrategyName)

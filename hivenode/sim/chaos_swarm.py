@@ -45,6 +45,8 @@ STOP_WAIT_S = 15.0
 KILL_CLOSE_S = 2.0
 """How long closing a killed node's connections may take."""
 
+LinkFault = Callable[[int, int], float | None]
+"""(trainer index, round) → seconds the train message is held up on the way, or None: lost."""
 TrainHook = Callable[[int, int, str], Awaitable[None]]
 """Called with (trainer index, round, aggregator peer id) when a train message arrives."""
 
@@ -89,6 +91,8 @@ class ChaosTrainer(Trainer):
     on_trained: TrainHook | None = None
     """Called once the work is done, before the reply goes out."""
     ledger: Ledger | None = None
+    link: LinkFault | None = None
+    """What the network does to this trainer's train messages (lossy-links, partition-heal)."""
 
     @classmethod
     def wrapping(cls, trainer: Trainer, **hooks: Any) -> ChaosTrainer:
@@ -103,6 +107,11 @@ class ChaosTrainer(Trainer):
             await self.on_train(self.index, server_round, caller)
         if self.delay_s > 0:
             await trio.sleep(self.delay_s)
+        if self.link is not None:
+            delay = self.link(self.index, server_round)
+            if delay is None:  # lost on the way: no work, no reply; the handler's timeout
+                await trio.sleep_forever()  # ends the stream as a dead link would
+            await trio.sleep(delay or 0.0)
         reply = await super().handle(request, caller)
         if self.on_trained is not None:
             await self.on_trained(self.index, server_round, caller)

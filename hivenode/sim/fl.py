@@ -12,6 +12,7 @@ import csv
 import json
 import logging
 import os
+import re
 import statistics
 import tempfile
 from collections.abc import Callable, Sequence
@@ -84,6 +85,8 @@ class FlSimConfig:
     """An `Attack` value, or "mixed" for each in turn."""
     screen_updates: bool = True
     """The jobs' update screen (off: hostile updates reach the strategy unchecked)."""
+    compression: str = "none"
+    """How trainers compress their updates (`JobSpec.compression`): none, fp16, int8, topk:F."""
 
 
 @dataclass
@@ -96,15 +99,29 @@ class StrategyOutcome:
         final = history[-1] if history else None
         overheads = [max(0.0, r.duration_s - r.compute_s) * 1000 for r in history]
         return {
+            # tensor bytes on the wire, as sent: compressed updates count compressed
+            "bytes_in_per_round": _median([r.bytes_in for r in history]),
+            "bytes_out_per_round": _median([r.bytes_out for r in history]),
             "final_accuracy": final.eval_accuracy if final else None,
             "final_loss": _loss(final) if final else None,
             "rounds": len(history),
             "wall_s": round(self.result.wall_s, 3),
             "round_overhead_ms": round(statistics.median(overheads), 2) if overheads else None,
             "history": [
-                {"round": r.round, "loss": _loss(r), "accuracy": r.eval_accuracy} for r in history
+                {
+                    "round": r.round,
+                    "loss": _loss(r),
+                    "accuracy": r.eval_accuracy,
+                    "bytes_in": r.bytes_in,
+                    "bytes_out": r.bytes_out,
+                }
+                for r in history
             ],
         }
+
+
+def _median(values: list[int]) -> float | None:
+    return statistics.median(values) if values else None
 
 
 def _loss(record: RoundRecord) -> float | None:
@@ -112,10 +129,16 @@ def _loss(record: RoundRecord) -> float | None:
     return record.global_train_loss if record.global_train_loss is not None else record.train_loss
 
 
+def _job_name(config: FlSimConfig, run: StrategyRun) -> str:
+    # the scheme is in the name: trainers keep top-k's residual per job, never across schemes
+    scheme = "" if config.compression == "none" else f"-{config.compression}"
+    return re.sub(r"[^A-Za-z0-9_-]", "_", f"sim-{run.name}-{run.mu:g}-{config.seed}{scheme}")
+
+
 def job_for(config: FlSimConfig, run: StrategyRun, trainers: Sequence[str]) -> JobSpec:
     return JobSpec.model_validate(
         {
-            "name": f"sim-{run.name}-{run.mu:g}-{config.seed}".replace(".", "_"),
+            "name": _job_name(config, run),
             "dataset": SIM_DATASET,
             "rounds": config.rounds,
             "clients_per_round": min(config.clients_per_round, config.nodes),
@@ -135,6 +158,7 @@ def job_for(config: FlSimConfig, run: StrategyRun, trainers: Sequence[str]) -> J
                 "malicious": round(config.nodes * config.attackers),
             },
             "screen_updates": config.screen_updates,
+            "compression": config.compression,
             "train": {
                 "lr": config.lr,
                 "local_epochs": config.local_epochs,

@@ -123,3 +123,16 @@ async def test_scaffold_trainers_keep_their_control_variate_on_disk(
     checkpoint = load_checkpoint(tmp_path / "job")
     assert checkpoint is not None and checkpoint.control is not None
     assert any(abs(v).sum() > 0 for v in checkpoint.control.values())
+
+
+async def test_a_resumed_job_keeps_the_trainers_it_had(tmp_path: Path, digits: Any) -> None:
+    async with fl_swarm(tmp_path, digits) as swarm:
+        spec = job("former", [], rounds=2, clients_per_round=3)  # no list: every trainer
+        first = await run_job(swarm.aggregator, spec, tmp_path / "job")
+        checkpoint = load_checkpoint(tmp_path / "job")
+        assert checkpoint is not None and checkpoint.trainers == first.trainers
+        longer = spec.model_copy(update={"rounds": 3})
+        resumed = await run_job(swarm.aggregator, longer, tmp_path / "job", trainer_wait_s=5.0)
+    assert resumed.resumed_from == 2
+    assert resumed.trainers == first.trainers  # the same partition ids, in the same order
+    assert resumed.history[-1].participants == 3

@@ -147,7 +147,7 @@ batch_size = 32
 [parallel]
 mode = "{mode}"
 momentum = 0.5
-peer_timeout_s = 3
+peer_timeout_s = {timeout}
 """
 
 
@@ -162,15 +162,17 @@ def four(daemons: Daemons) -> list[Daemon]:
     return nodes
 
 
-def submit_parallel(hub: Daemon, name: str, mode: str, rounds: int) -> Any:
+def submit_parallel(hub: Daemon, name: str, mode: str, rounds: int, timeout: float) -> Any:
+    """`timeout`: how long a member waits for a silent peer (the first step includes each
+    daemon's torch import, seconds on a loaded machine)."""
     job_file = hub.base / f"{name}.toml"
-    job_file.write_text(PARALLEL_JOB.format(name=name, mode=mode, rounds=rounds))
+    job_file.write_text(PARALLEL_JOB.format(name=name, mode=mode, rounds=rounds, timeout=timeout))
     return hub.cli_json("jobs", "submit", str(job_file))
 
 
 def test_a_data_parallel_job_survives_a_killed_replica(four: list[Daemon]) -> None:
     hub, victim = four[0], four[3]
-    submit_parallel(hub, "dp", "data", rounds=150)
+    submit_parallel(hub, "dp", "data", rounds=150, timeout=3)  # the kill is found in 3 s
     wait_for(lambda: hub.api("/v1/jobs/dp")["round"] >= 20, 120, what="20 steps")
     victim.signal(signal.SIGKILL)
     job = json.loads(hub.cli("jobs", "watch", "dp", "--json", timeout=240).stdout)
@@ -185,7 +187,7 @@ def test_a_data_parallel_job_survives_a_killed_replica(four: list[Daemon]) -> No
 
 def test_a_pipeline_job_runs_across_the_daemons(four: list[Daemon]) -> None:
     hub = four[0]
-    submit_parallel(hub, "pp", "pipeline", rounds=30)
+    submit_parallel(hub, "pp", "pipeline", rounds=30, timeout=60)
     job = json.loads(hub.cli("jobs", "watch", "pp", "--json", timeout=240).stdout)
     assert job["state"] == "finished", job["error"]
     losses = [r["train_loss"] for r in job["history"]]

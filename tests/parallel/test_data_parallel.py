@@ -10,7 +10,6 @@ import trio
 from parallel_data import teacher_dataset
 
 from hivenode.parallel.allreduce import AllReduceConfig
-from hivenode.parallel.compression import Compression
 from hivenode.parallel.data_parallel import (
     DataParallelConfig,
     Replica,
@@ -20,6 +19,7 @@ from hivenode.parallel.data_parallel import (
 )
 from hivenode.parallel.local_nodes import local_nodes
 from hivenode.parallel.torch_state import ModelRecipe, SgdConfig, max_param_diff
+from hivenode.protocol.compression import Compression
 
 RECIPE = ModelRecipe("mlp", {"hidden": [32]}, (16,), 4, seed=3)
 SGD = SgdConfig(lr=0.1, momentum=0.9)

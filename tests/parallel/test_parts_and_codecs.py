@@ -8,9 +8,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hivenode.parallel.allreduce import theoretical_bytes_per_peer
-from hivenode.parallel.compression import INT8_BLOCK, Compression, decode, encode
 from hivenode.parallel.errors import ParallelError
 from hivenode.parallel.parts import bandwidth_shares, part_bounds
+from hivenode.protocol.compression import (
+    INT8_BLOCK,
+    Compression,
+    CompressionError,
+    decode,
+    encode,
+)
 from hivenode.protocol.errors import ProtocolError
 
 GROUP = ("a", "b", "c", "d")
@@ -67,7 +73,7 @@ def test_decoders_refuse_tensors_that_do_not_fit() -> None:
         decode(encode(vector, Compression.FP16), Compression.NONE, 10)
     with pytest.raises(ProtocolError):
         decode(encode(vector, Compression.INT8), Compression.INT8, 11)
-    with pytest.raises(ParallelError):
+    with pytest.raises(CompressionError, match="unknown compression 'zip'"):
         Compression.parse("zip")
 
 

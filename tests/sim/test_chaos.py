@@ -86,6 +86,46 @@ async def test_a_standby_resumes_a_killed_aggregators_job_from_its_replica() -> 
     assert report.final_accuracy == pytest.approx(report.baseline_accuracy, abs=0.02)
 
 
+async def test_a_partitioned_half_misses_only_the_cut_rounds_and_rejoins() -> None:
+    config = ChaosConfig(
+        Scenario.PARTITION_HEAL,
+        rounds=5,
+        at_round=2,
+        rejoin_after=2,
+        **{**SMALL, "deadline_s": 2.0},
+    )
+    report = await run_chaos(config)
+    assert report.completed and report.rounds_completed == 5
+    assert report.lost_updates == 0
+    cut = config.affected
+    assert report.details["failures_per_round"] == [0, cut, cut, 0, 0]
+    assert report.details["messages_lost"] == 2 * cut
+    assert report.details["participants_after_heal"] == [config.nodes, config.nodes]
+
+
+async def test_lossy_links_lose_the_drawn_messages_and_the_job_finishes() -> None:
+    config = ChaosConfig(
+        Scenario.LOSSY_LINKS, rounds=4, loss=0.3, jitter_s=0.05, **{**SMALL, "deadline_s": 2.0}
+    )
+    report = await run_chaos(config)
+    assert report.completed and report.rounds_completed == 4
+    assert report.lost_updates == 0
+    lost = report.details["messages_lost"]
+    assert lost == sum(report.details["failures_per_round"]) and lost > 0
+
+
+async def test_a_swarm_killed_whole_comes_back_with_its_jobs_registry_and_qtable() -> None:
+    config = ChaosConfig(Scenario.RESTART_ALL, nodes=3, rounds=4, at_round=2, partition="iid")
+    report = await run_chaos(config)
+    details = report.details
+    assert details["registry_intact"] and details["qtable_intact"] and details["first_job_intact"]
+    assert report.completed and report.rounds_completed == 4
+    assert details["resumed_from_round"] == details["rounds_reported_before_kill"] >= 2
+    assert report.lost_updates == 0
+    assert report.final_accuracy is not None and report.baseline_accuracy is not None
+    assert abs(report.final_accuracy - report.baseline_accuracy) < 0.1
+
+
 async def test_scaled_updates_wreck_fedavg_and_not_fedmedian() -> None:
     config = ChaosConfig(
         Scenario.BYZANTINE,

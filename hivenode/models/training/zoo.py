@@ -48,16 +48,18 @@ def build_model(
 ) -> nn.Sequential:
     """The zoo model `name` for inputs of `feature_shape` and `num_classes` outputs, its
     initial weights fixed by `seed`."""
-    if name not in _BUILDERS:
+    builder = _BUILDERS.get(name) or _HF_BUILDERS.get(name)
+    if builder is None:
         raise TrainingError(
             f"unknown torch zoo model {name!r}; the zoo has {', '.join(sorted(_BUILDERS))}"
+            f" and, from Hugging Face configs, {', '.join(sorted(_HF_BUILDERS))}"
         )
     if num_classes < 2:
         raise TrainingError(f"a classifier needs at least 2 classes, got {num_classes}")
     if not feature_shape or min(feature_shape) < 1:
         raise TrainingError(f"feature shape {feature_shape} has no features")
     with seeded(seed):
-        return _BUILDERS[name](options, feature_shape, num_classes)
+        return builder(options, feature_shape, num_classes)
 
 
 def _logreg(
@@ -111,7 +113,30 @@ def _cnn(
     return _sequential(layers, in_channels * height * width, num_classes)
 
 
+def _hf_bert(
+    options: Mapping[str, Any], feature_shape: tuple[int, ...], num_classes: int
+) -> nn.Sequential:
+    """A Hugging Face BertForSequenceClassification built from its config, as pipeline-able
+    blocks (hf_sequential.py); `feature_shape` is (seq_len,) token ids, options "layers",
+    "hidden", "heads", "vocab", "max_len"."""
+    # imported here: it imports transformers, which only these models need
+    from hivenode.models.training import hf_sequential
+
+    return hf_sequential.build_sequential("bert", options, feature_shape, num_classes)
+
+
+def _hf_gpt2(
+    options: Mapping[str, Any], feature_shape: tuple[int, ...], num_classes: int
+) -> nn.Sequential:
+    """GPT2ForSequenceClassification as blocks, with the options of "hf-bert"."""
+    from hivenode.models.training import hf_sequential
+
+    return hf_sequential.build_sequential("gpt2", options, feature_shape, num_classes)
+
+
 _BUILDERS: dict[str, Builder] = {"logreg": _logreg, "mlp": _mlp, "cnn": _cnn}
+_HF_BUILDERS: dict[str, Builder] = {"hf-bert": _hf_bert, "hf-gpt2": _hf_gpt2}
+"""Transformers built from a config, apart: they need transformers, the others torch only."""
 
 
 def _sequential(features: list[nn.Module], width: int, num_classes: int) -> nn.Sequential:
