@@ -28,7 +28,7 @@ def job_lesson(
     succeeded: bool,
 ) -> tuple[State, Action, float]:
     """(state, action, reward) of a job that ended."""
-    views = [_view(node, peer) for peer in trainers]
+    views = [node_view(node, peer) for peer in trainers]
     samples = sum(view.datasets.get(job.dataset, 0) for view in views)
     shape = JobShape(params=params, samples=samples, private=True, dataset=job.dataset)
     outcome = JobOutcome(
@@ -49,7 +49,7 @@ def action_of(job: JobSpec) -> Action:
     return Action(f"{job.parallel.mode}_parallel")
 
 
-def _view(node: Node, peer: str) -> NodeView:
+def node_view(node: Node, peer: str) -> NodeView:
     if peer == node.peer_id:
         hardware = node.hardware
         infos = node.trainer.datasets() if node.trainer else ()

@@ -69,7 +69,9 @@ class ParallelSection(_Strict):
     """Train peer to peer instead of federated: `rounds` then counts optimizer steps, each
     one synchronous across the members (hivenode.parallel)."""
 
-    mode: Literal["data", "pipeline", "model"] = "data"
+    mode: Literal["data", "pipeline", "model", "auto"] = Field(
+        "data", description="auto: the swarm's Q-table chooses, federated included"
+    )
     nodes: int | None = Field(
         None, ge=1, description="members to use (data: replicas, pipeline: stages); None: all"
     )

@@ -66,8 +66,8 @@ async def run_parallel_job(
 ) -> JobResult:
     """Train `job` peer to peer from start to end; JobError when it cannot."""
     section = job.parallel
-    if section is None:
-        raise JobError(f"job {job.name} has no [parallel] section")
+    if section is None or section.mode == "auto":
+        raise JobError(f"job {job.name} has no [parallel] mode to run (auto: resolve it first)")
     started = time.monotonic()
     trainers, info = await wait_for_trainers(node, job, trainer_wait_s)
     check_same_data(node, job, trainers)

@@ -24,6 +24,7 @@ from hivenode.aggregator.flower_jobs import run_flower_job
 from hivenode.aggregator.job_reward import job_lesson
 from hivenode.aggregator.job_spec import JobSpec
 from hivenode.aggregator.parallel_runner import run_parallel_job
+from hivenode.aggregator.planned_jobs import is_auto, resolve_auto
 from hivenode.aggregator.runner import JobError, JobResult, RoundRecord, run_job
 from hivenode.fsutil import atomic_write
 from hivenode.models.errors import ModelError
@@ -47,6 +48,10 @@ class JobState:
     """The round the last run of the job started after (0: from scratch)."""
     registered: str | None = None
     """The final model in the node's registry, as name@version."""
+    chosen: str | None = None
+    """`mode = "auto"`: the action the Q-table chose for the job's last run."""
+    effective: JobSpec | None = None
+    """The spec the last run ran: the submitted one, or what `auto` resolved it to."""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -64,11 +69,7 @@ class JobState:
         return {
             "name": self.spec.name,
             "state": self.state,
-            "strategy": (
-                f"{self.spec.parallel.mode}-parallel"
-                if self.spec.parallel
-                else self.spec.strategy.name
-            ),
+            "strategy": _strategy_of(self.effective or self.spec, self.chosen),
             "round": last.round if last else 0,
             "rounds": self.spec.rounds,
             "accuracy": last.eval_accuracy if last else None,
@@ -86,6 +87,7 @@ class JobState:
             "model_path": self.model_path,
             "resumed_from": self.resumed_from,
             "registered": self.registered,
+            "chosen": self.chosen,
             "history": [r.as_json() for r in self.history],
         }
 
@@ -153,16 +155,20 @@ class JobService:
         job.state, job.error, job.finished_at = RUNNING, None, None
         job.resumed_from = len(job.history)
         result: JobResult | None = None
+        spec = job.effective = job.spec
         try:
-            if job.spec.flower_app is not None:
-                result = await run_flower_job(self._node, job.spec, self._root / name)
-            elif job.spec.parallel is not None:
+            if is_auto(spec):
+                spec, plan = await resolve_auto(self._node, spec)
+                job.effective, job.chosen = spec, plan.chosen.value
+            if spec.flower_app is not None:
+                result = await run_flower_job(self._node, spec, self._root / name)
+            elif spec.parallel is not None:
                 result = await run_parallel_job(
-                    self._node, job.spec, self._root / name, on_round=job.history.append
+                    self._node, spec, self._root / name, on_round=job.history.append
                 )
             else:
                 result = await run_job(
-                    self._node, job.spec, self._root / name, on_round=job.history.append
+                    self._node, spec, self._root / name, on_round=job.history.append
                 )
             job.history, job.model_path = result.history, str(result.model_path)
             try:
@@ -185,14 +191,15 @@ class JobService:
     def _teach(self, job: JobState, result: JobResult | None) -> None:
         """Record the job's reward in the swarm's Q-table (this node's cells)."""
         node = self._node
-        if node is None or node.qtable is None:
+        ran = job.effective or job.spec
+        if node is None or node.qtable is None or is_auto(ran):  # auto never resolved: nothing ran
             return
         last = job.history[-1] if job.history else None
         wall_s = (job.finished_at or time.time()) - job.submitted_at
         trainers = result.trainers if result else list(job.spec.trainers)
         state, action, value = job_lesson(
             node,
-            job.spec,
+            ran,
             trainers or [node.peer_id],
             result.params if result else 0,
             last.eval_accuracy if last else None,
@@ -246,6 +253,11 @@ class JobService:
             if checkpoint is not None:
                 job.history = [RoundRecord.from_json(r) for r in checkpoint.history]
             self._jobs[job.spec.name] = job
+
+
+def _strategy_of(spec: JobSpec, chosen: str | None) -> str:
+    how = f"{spec.parallel.mode}-parallel" if spec.parallel else spec.strategy.name
+    return f"auto: {chosen} ({how})" if chosen else how
 
 
 def _validation_message(exc: ValidationError) -> str:

@@ -116,3 +116,26 @@ def test_every_stage_gets_weights() -> None:
             assert any(any(True for _ in m.parameters()) for _, m in layers[start:end])
     with pytest.raises(ParallelError, match="3 layers with weights"):
         weighted_stage_cuts(recipe, 4)
+
+
+async def test_auto_runs_the_job_as_the_q_table_chooses(tmp_path: Path, digits: Any) -> None:
+    from hivenode.aggregator.planned_jobs import resolve_auto
+    from hivenode.planner.state import Action
+
+    spec = job("auto")
+    async with fl_swarm(tmp_path, digits, aggregator_qtable=True) as swarm:
+        gossip = swarm.aggregator.qtable
+        assert gossip is not None
+        gossip.table.epsilon = 0.0  # greedy: the table's values decide
+        first, plan = await resolve_auto(swarm.aggregator, spec, trainer_wait_s=5.0)
+        for _ in range(5):  # teach it that data parallel pays off for this state
+            gossip.record(plan.reading.state, Action.DATA_PARALLEL, 1.0)
+        taught, again = await resolve_auto(swarm.aggregator, spec, trainer_wait_s=5.0)
+        private = spec.model_copy(update={"plan": {"private": True}})
+        kept_home, guarded = await resolve_auto(swarm.aggregator, private, trainer_wait_s=5.0)
+    assert (first.parallel is None) == (plan.chosen in (Action.FEDERATED, Action.SINGLE_NODE))
+    assert again.chosen is Action.DATA_PARALLEL
+    assert taught.parallel is not None and taught.parallel.mode == "data"
+    assert guarded.chosen in (Action.FEDERATED, Action.SINGLE_NODE)
+    assert kept_home.parallel is None  # it runs federated (or on its one biggest holder)
+    assert Action.DATA_PARALLEL in guarded.masked

@@ -41,6 +41,7 @@ async def fl_swarm(
     partitions: Sequence[LocalData],
     wrap: AppWrapper | None = None,
     setup_trainer: Callable[[Node], None] | None = None,
+    aggregator_qtable: bool = False,
 ) -> AsyncIterator[FlSwarm]:
     """An aggregator plus one trainer per partition, registered as dataset "local";
     `setup_trainer(node)` runs on each trainer before it starts."""
@@ -53,7 +54,7 @@ async def fl_swarm(
         return trainer
 
     async with local_swarm(tmp) as start:
-        aggregator = await start("aggregator", roles=[Role.AGGREGATOR])
+        aggregator = await start("aggregator", roles=[Role.AGGREGATOR], qtable=aggregator_qtable)
         swarm = FlSwarm(aggregator)
         for index, data in enumerate(partitions):
             state_dir = tmp / f"trainer{index}" / "state"
