@@ -40,18 +40,23 @@ class Pair:
     receiver: Node
     bulk: BulkReceiver
     inbox: Inbox
+    intruder: Node | None = None
+    """A third peer, connected to the receiver, when asked for."""
 
 
 @asynccontextmanager
-async def pair(tmp_path: Path, **receiver_options: Any) -> AsyncIterator[Pair]:
+async def pair(
+    tmp_path: Path, *, intruder: bool = False, **receiver_options: Any
+) -> AsyncIterator[Pair]:
     async with local_swarm(tmp_path) as start:
         receiver = await start("receiver")
         sender = await start("sender", bootstrap=[receiver])
+        third = await start("intruder", bootstrap=[receiver]) if intruder else None
         inbox = Inbox()
         async with trio.open_nursery() as nursery:
             bulk = BulkReceiver(receiver, inbox, **receiver_options)
             await nursery.start(bulk.run)
-            yield Pair(sender, receiver, bulk, inbox)
+            yield Pair(sender, receiver, bulk, inbox, third)
             nursery.cancel_scope.cancel()
 
 
@@ -127,6 +132,8 @@ ATTACKS: dict[Fault, Callable[[list[bytes]], list[bytes]]] = {
 async def test_each_attack_on_the_channel_is_rejected_and_nothing_delivered(
     tmp_path: Path, fault: Fault
 ) -> None:
+    """The filter runs again on every resume: a truncation is resumed (it looks like a broken
+    connection) until the resumes run out; a forgery ends the transfer at once."""
     async with pair(tmp_path) as p:
         with pytest.raises(BulkError) as caught:
             await send_tensors(
@@ -139,6 +146,7 @@ async def test_each_attack_on_the_channel_is_rejected_and_nothing_delivered(
         assert caught.value.code == "rejected"
         assert p.inbox.received == []
         assert len(p.bulk.rejections) == 1
+        assert p.bulk.pending_transfers == 0, "nothing of it is kept"
         # the receiver keeps serving honest senders
         report = await send_tensors(p.sender, p.receiver.peer_id, sample_tensors(), timeout=20)
         assert report.path == "bulk" and len(p.inbox.received) == 1
@@ -229,3 +237,19 @@ async def test_a_failing_consumer_is_reported_to_the_sender(tmp_path: Path) -> N
         with pytest.raises(BulkError) as caught:
             await send_tensors(p.sender, p.receiver.peer_id, sample_tensors(), timeout=20)
         assert caught.value.code == "refused"
+
+
+async def test_a_sender_that_speaks_only_1_0_is_served(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """1.0.0 carries the sha256 in the offer; 1.1.0 after the payload. A receiver serves both."""
+    from hivenode.agent.bulk import sender
+    from hivenode.agent.bulk.wire import BULK_PROTOCOL_1_0
+
+    monkeypatch.setattr(sender, "SENDER_PROTOCOLS", (BULK_PROTOCOL_1_0,))
+    sent = sample_tensors()
+    async with pair(tmp_path) as p:
+        report = await send_tensors(p.sender, p.receiver.peer_id, sent, timeout=20)
+    assert report.path == "bulk"
+    [(_, _, got)] = p.inbox.received
+    assert [a.tobytes() for a in got] == [a.tobytes() for a in sent]

@@ -15,6 +15,7 @@ AES_GCM: Final = "aes-256-gcm"
 CHACHA20_POLY1305: Final = "chacha20-poly1305"
 KEY_BYTES: Final = 32
 TOKEN_BYTES: Final = 16
+TRANSFER_ID_BYTES: Final = 16
 TAG_BYTES: Final = 16
 LAST_FRAME: Final = 1
 MORE_FRAMES: Final = 0
@@ -86,6 +87,12 @@ class Secrets:
     @classmethod
     def fresh(cls) -> Secrets:
         return cls(secrets.token_bytes(KEY_BYTES), secrets.token_bytes(TOKEN_BYTES))
+
+
+def fresh_transfer_id() -> bytes:
+    """Names a transfer across its resumes. Not a secret: a resume is honoured only for the
+    peer libp2p authenticated as the transfer's sender, so knowing the id grants nothing."""
+    return secrets.token_bytes(TRANSFER_ID_BYTES)
 
 
 def nonce(index: int) -> bytes:

@@ -3,6 +3,7 @@ libp2p messages around it, and the layout of the TCP channel's frames."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import re
@@ -19,7 +20,12 @@ from hivenode.protocol.errors import ProtocolError
 from hivenode.protocol.limits import Limits
 from hivenode.protocol.message import ALLOWED_DTYPES, TensorSpec
 
-BULK_PROTOCOL: Final = "/hivenode/bulk/1.0.0"
+BULK_PROTOCOL: Final = "/hivenode/bulk/1.1.0"
+"""Adds resumes, and moves the payload's sha256 from the offer to `bulk_sent`/`bulk_data` so
+that the sender hashes while it sends instead of before it offers."""
+BULK_PROTOCOL_1_0: Final = "/hivenode/bulk/1.0.0"
+"""The first cut: the sha256 in the offer's manifest. Still served, and spoken to a peer that
+knows nothing newer (libp2p negotiates the first id both sides know)."""
 
 OFFER: Final = "bulk_offer"
 ACCEPT: Final = "bulk_accept"
@@ -28,6 +34,11 @@ SENT: Final = "bulk_sent"
 DATA: Final = "bulk_data"
 """Fallback: the payload itself, as the tensors of this message on the libp2p stream."""
 DONE: Final = "bulk_done"
+RESUME: Final = "bulk_resume"
+"""On a new libp2p stream: continue a transfer whose channel broke, from its verified prefix."""
+INTERRUPTED: Final = "interrupted"
+"""The error code a receiver answers when the channel broke and it keeps the transfer for a
+resume; any other error ends the transfer."""
 
 FRAME_BYTES: Final = 1024 * 1024
 """Plaintext bytes per frame: large enough that per-frame costs vanish, small enough that
@@ -52,6 +63,7 @@ class Manifest:
     specs: tuple[TensorSpec, ...]
     total_bytes: int
     sha256: str
+    """The payload's sha256 in hex; "" in 1.1.0, where it follows the payload instead."""
     meta: Mapping[str, Any]
     frame_bytes: int
 
@@ -63,6 +75,16 @@ class Manifest:
         """Plaintext bytes of frame `index` (a transfer of 0 bytes is one empty frame)."""
         start = index * self.frame_bytes
         return max(0, min(self.frame_bytes, self.total_bytes - start))
+
+    @functools.cached_property
+    def tensor_ends(self) -> tuple[int, ...]:
+        """The payload offset just past each tensor: tensor i is whole once that many bytes
+        are verified."""
+        ends, end = [], 0
+        for spec in self.specs:
+            end += spec.nbytes
+            ends.append(end)
+        return tuple(ends)
 
     def to_wire(self) -> bytes:
         packed: bytes = msgpack.packb(
@@ -78,8 +100,9 @@ class Manifest:
         return packed
 
     @classmethod
-    def from_wire(cls, data: bytes, limits: Limits) -> Manifest:
-        """Parse and check a manifest against `limits`; BulkError("bad_offer") otherwise."""
+    def from_wire(cls, data: bytes, limits: Limits, *, sha_deferred: bool = False) -> Manifest:
+        """Parse and check a manifest against `limits`; BulkError("bad_offer") otherwise.
+        `sha_deferred`: the sha256 may be "" (it comes with the payload)."""
         try:
             raw = msgpack.unpackb(data, raw=False, strict_map_key=True)
             if not isinstance(raw, dict):
@@ -93,8 +116,8 @@ class Manifest:
             specs = tuple(TensorSpec.from_wire(t, i, unbounded) for i, t in enumerate(tensors))
             if not isinstance(meta, dict) or not all(isinstance(k, str) for k in meta):
                 raise ProtocolError("meta must be a map with string keys")
-            if not isinstance(sha, str) or not _SHA256.match(sha):
-                raise ProtocolError("sha256 must be 64 lowercase hex digits")
+            if not (sha_deferred and sha == ""):
+                sha = checked_sha256(sha)
             if not isinstance(frame, int) or not MIN_FRAME_BYTES <= frame <= MAX_FRAME_BYTES:
                 raise ProtocolError(
                     f"frame_bytes must be in [{MIN_FRAME_BYTES}, {MAX_FRAME_BYTES}]"
@@ -113,6 +136,12 @@ class Manifest:
                 "too_large", f"{declared} bytes offered, over the limit of {limits.max_total_bytes}"
             )
         return cls(specs, declared, sha, meta, frame)
+
+
+def checked_sha256(value: Any) -> str:
+    if not isinstance(value, str) or not _SHA256.match(value):
+        raise ProtocolError("sha256 must be 64 lowercase hex digits")
+    return value
 
 
 def header_digest(manifest_bytes: bytes) -> bytes:
