@@ -76,6 +76,9 @@ class ParallelSection(_Strict):
         None, ge=1, description="members to use (data: replicas, pipeline: stages); None: all"
     )
     micro_batches: int = Field(4, ge=1, description="pipeline: GPipe micro-batches per step")
+    spares: int = Field(
+        0, ge=0, description="pipeline/model: extra members a dead stage moves to (fail-over)"
+    )
     momentum: float = Field(0.0, ge=0, lt=1)
     peer_timeout_s: float = Field(10.0, gt=0, description="a silent member is left out after")
     compression: Literal["none", "fp16", "int8"] = Field(
@@ -141,6 +144,10 @@ class JobSpec(_Strict):
             raise ValueError("min_clients cannot exceed clients_per_round")
         if self.parallel is not None and (self.flower_app or self.model.framework != "torch"):
             raise ValueError("parallel: trains the built-in torch models only")
+        if self.parallel is not None and self.parallel.spares and self.parallel.mode == "data":
+            raise ValueError(
+                "parallel.spares: data parallelism needs none (a dead replica is left out)"
+            )
         if self.flower_app is None and not self.dataset:
             raise ValueError("dataset: a job of the built-in app names the data it trains on")
         if self.flower_app is not None and self.compression != "none":

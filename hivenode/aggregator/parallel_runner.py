@@ -83,6 +83,9 @@ async def run_parallel_job(
     log.info("job %s: %s parallel on %d members (%s)", job.name, section.mode, len(members), run_id)
     history, finals = await _follow(node, section, members, run_id, job.rounds, on_round)
     weights, accuracy = _collect(section, finals)
+    if set(weights) != set(arrays):
+        lost = sorted(set(arrays) - set(weights))
+        raise JobError(f"the job ended without the weights of {', '.join(lost)} (a stage died)")
     if history:  # the last step was held back for the accuracy measured after it
         history[-1] = replace(history[-1], eval_accuracy=accuracy)
         if on_round is not None:
@@ -101,14 +104,18 @@ async def run_parallel_job(
 
 
 def _members(section: ParallelSection, trainers: list[str]) -> list[str]:
-    wanted = section.nodes or len(trainers)
+    """The members: replicas (data); or stages, spares and the member that keeps the
+    checkpoints and directs fail-overs (pipeline/model with spares)."""
+    extra = section.spares + 1 if section.spares else 0
+    wanted = section.nodes or len(trainers) - extra
     least = 2 if section.mode == "data" else 1
-    if len(trainers) < max(wanted, least):
+    if len(trainers) < max(wanted, least) + extra or wanted < least:
+        more = f", {section.spares} spare(s) and a checkpoint keeper" if extra else ""
         raise JobError(
-            f"{section.mode} parallelism over {max(wanted, least)} nodes, but "
+            f"{section.mode} parallelism over {max(wanted, least)} nodes{more}, but "
             f"{len(trainers)} trainer(s) can take part"
         )
-    return trainers[:wanted]
+    return trainers[: wanted + extra]
 
 
 def _order(
@@ -137,6 +144,7 @@ def _order(
         micro_batches=section.micro_batches,
         peer_timeout=section.peer_timeout_s,
         compression=section.compression,
+        stages=len(members) - section.spares - 1 if section.spares else 0,
     )
 
 
@@ -187,23 +195,29 @@ async def _follow(
     """Poll the reporting member until it finishes; then every member's final status.
     `on_round` hears of every step but the last, which the caller completes."""
     # data: any replica reports every step (the first alive one); pipeline: the last stage,
-    # which alone knows the loss
-    reporters = list(members) if section.mode == "data" else [members[-1]]
+    # which alone knows the loss, then the spares (one may have taken its place)
+    stages = len(members) - section.spares - 1 if section.spares else len(members)
+    spares = members[stages : stages + section.spares]
+    reporters = list(members) if section.mode == "data" else [members[stages - 1], *spares]
+    tolerant = section.mode == "data" or section.spares > 0
     history: list[RoundRecord] = []
     while reporters:
         reporter = reporters[0]
         try:
             body, _ = await _status(node, reporter, run_id, len(history))
         except RpcError as exc:
-            if section.mode != "data":
+            if not tolerant:
                 raise JobError(f"the last stage ({reporter[-8:]}) is gone: {exc}") from exc
             log.warning("job %s: member %s is gone (%s); polling the next", run_id, reporter, exc)
             reporters.pop(0)
             continue
         for raw in body.get("records") or []:
+            record = _round_record(raw, stages)
+            if record.round != len(history) + 1:
+                continue  # a step redone after a fail-over: the same computation, seen already
             if history and on_round is not None:
                 on_round(history[-1])
-            history.append(_round_record(raw, len(members)))
+            history.append(record)
         if body.get("state") == FAILED:
             raise JobError(f"member {reporter[-8:]} failed: {body.get('error')}")
         if body.get("state") == FINISHED:
@@ -225,9 +239,9 @@ async def _finals(
                 try:
                     body, weights = await _status(node, peer, run_id, steps, weights=True)
                 except RpcError as exc:
-                    if section.mode != "data":
+                    if section.mode != "data" and not section.spares:
                         raise JobError(f"stage {peer[-8:]} is gone: {exc}") from exc
-                    break
+                    break  # a dead replica, or a stage a spare took over
                 if body.get("state") == FAILED and section.mode != "data":
                     raise JobError(f"stage {peer[-8:]} failed: {body.get('error')}")
                 if body.get("state") != "running":
@@ -235,8 +249,13 @@ async def _finals(
                         finals[peer] = (body, weights)
                     break
                 await trio.sleep(POLL_S)
-    if not finals or (section.mode != "data" and len(finals) != len(members)):
+    if not finals or (
+        section.mode != "data" and not section.spares and len(finals) != len(members)
+    ):
         raise JobError(f"{len(finals)} of {len(members)} members finished the job")
+    for body, _ in finals.values():
+        for failover in body.get("failovers") or []:
+            log.warning("job %s: a dead stage moved to a spare: %s", run_id, failover)
     return finals
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +60,8 @@ class _Run:
     weights: dict[str, np.ndarray[Any, Any]] = field(default_factory=dict)
     accuracy: float | None = None
     test_count: int = 0
+    failovers: list[dict[str, Any]] = field(default_factory=list)
+    """Pipeline stages moved to spares (on the member that keeps the checkpoints)."""
 
 
 class ParallelJobWorker:
@@ -117,9 +119,11 @@ class ParallelJobWorker:
         reply: dict[str, Any] = {
             "state": run.state,
             "error": run.error,
-            "records": run.records[max(0, since) :],
+            # by step: after a pipeline fail-over, redone steps come again (the same numbers)
+            "records": [r for r in run.records if r["step"] >= since],
             "accuracy": run.accuracy,
             "test_count": run.test_count,
+            "failovers": run.failovers,
             "names": [],
         }
         tensors: tuple[np.ndarray[Any, Any], ...] = ()
@@ -191,17 +195,87 @@ class ParallelJobWorker:
         config = PipelineConfig(
             order.job, recipe, _sgd(order), order.steps, micro, stage_timeout=order.peer_timeout
         )
-        cuts = weighted_stage_cuts(recipe, len(order.members))
-        stage = Stage(self.node, self.router, config, order.members, order.rank, cuts)
+        stage_peers = order.members[: order.stage_count]
+        cuts = weighted_stage_cuts(recipe, len(stage_peers))
+        is_stage = order.rank < len(stage_peers)
+        if order.stages and order.rank == len(order.members) - 1:
+            await self._keep_checkpoints(run, config, cuts)
+            return
+        stage = (
+            Stage(self.node, self.router, config, stage_peers, order.rank, cuts)
+            if is_stage
+            else None
+        )
         batches = None
-        if order.rank == 0:
+        if order.rank == 0 or not is_stage:  # a spare may have to take the first stage
             data = await trio.to_thread.run_sync(self._data, order)
-            batches = _sampled_batches(data, order)
+            batches = _sampled_batches(data, replace(order, rank=0))
+
+        def record(step: Any) -> None:
+            run.records.append(asdict(step))
+
+        if len(stage_peers) < len(order.members):  # the fail-over part closes the stage
+            await self._train_with_spares(run, config, stage, batches, cuts, record)
+            return
+        assert stage is not None
         try:
-            await stage.train(batches, on_step=lambda record: run.records.append(asdict(record)))
+            await stage.train(batches, on_step=record)
         finally:
             await stage.aclose()
-        run.weights = {name: t.detach().numpy().copy() for name, t in stage.state().items()}
+        run.weights = _stage_weights(stage)
+
+    async def _keep_checkpoints(self, run: _Run, config: Any, cuts: list[int]) -> None:
+        """The member that keeps a pipeline's checkpoints and moves dead stages to spares
+        (`parallel.pipeline_failover.PipelineCoordinator`). It holds no stage: libp2p does
+        not dial itself, so the coordinator cannot be one of the nodes it directs."""
+        from hivenode.parallel.pipeline_failover import PipelineCoordinator
+
+        order = run.order
+        keeper = PipelineCoordinator(
+            self.node,
+            self.router,
+            config,
+            order.members[: order.stages],
+            cuts,
+            order.members[order.stages : -1],
+        )
+        for failover in await keeper.run():
+            run.failovers.append(
+                {
+                    "failed_step": failover.failed_step,
+                    "checkpoint_step": failover.checkpoint_step,
+                    "replaced": [list(r) for r in failover.replaced],
+                    "recovery_s": round(failover.recovery_s, 3),
+                }
+            )
+
+    async def _train_with_spares(
+        self,
+        run: _Run,
+        config: Any,
+        stage: Any,
+        batches: Any,
+        cuts: list[int],
+        record: Any,
+    ) -> None:
+        """A stage or a spare of a pipeline whose dead stages move to the spares."""
+        from hivenode.parallel.pipeline_failover import FailoverStage
+
+        part = FailoverStage(
+            self.node,
+            self.router,
+            config,
+            run.order.members[-1],
+            stage,
+            batches if stage is None or stage.first else None,
+            self._limiter,
+        )
+        try:
+            await part.train(on_step=record)
+        finally:
+            await part.aclose()
+        if part.stage is not None:  # its own stage, or the one a fail-over moved here
+            run.weights = _stage_weights(part.stage)
 
 
 class ParallelJobService:
@@ -247,6 +321,11 @@ def _sampled_batches(data: LocalData, order: JobOrder) -> Any:
         return data.x_train[rows], data.y_train[rows]
 
     return batch
+
+
+def _stage_weights(stage: Any) -> dict[str, np.ndarray[Any, Any]]:
+    """A stage's layers under the whole model's state_dict names."""
+    return {name: t.detach().numpy().copy() for name, t in stage.state().items()}
 
 
 def weighted_stage_cuts(recipe: Any, stages: int) -> list[int]:

@@ -12,7 +12,7 @@ from hivenode.protocol.errors import ProtocolError
 
 START: Final = "parallel_start"
 STATUS: Final = "parallel_status"
-"""Body: job, since (records already seen), weights (true: send them once finished)."""
+"""Body: job, since (the first step wanted), weights (true: send them once finished)."""
 MODES: Final = ("data", "pipeline", "model")
 RUNNING, FINISHED, FAILED = "running", "finished", "failed"
 MAX_MEMBERS: Final = 256
@@ -41,6 +41,14 @@ class JobOrder:
     micro_batches: int = 4
     peer_timeout: float = 10.0
     compression: str = "none"
+    stages: int = 0
+    """pipeline/model: the first `stages` members hold the stages, the last one keeps the
+    checkpoints and drives fail-overs, the ones between are spares; 0: every member holds a
+    stage and there is no fail-over."""
+
+    @property
+    def stage_count(self) -> int:
+        return self.stages or len(self.members)
 
     def to_body(self) -> dict[str, Any]:
         body = asdict(self)
@@ -69,6 +77,7 @@ class JobOrder:
             micro_batches=_field(body, "micro_batches", int),
             peer_timeout=_number(body, "peer_timeout"),
             compression=_field(body, "compression", str),
+            stages=_field({"stages": body.get("stages", 0)}, "stages", int),
         )
         order.check()
         return order
@@ -78,6 +87,10 @@ class JobOrder:
             raise ProtocolError(f"mode must be one of {', '.join(MODES)}, not {self.mode!r}")
         if not 0 <= self.rank < len(self.members) or len(set(self.members)) != len(self.members):
             raise ProtocolError(f"rank {self.rank} of {len(self.members)} distinct members")
+        if not 0 <= self.stages <= len(self.members) - 2 or (self.stages and self.mode == "data"):
+            raise ProtocolError(
+                f"{self.stages} stages of {len(self.members)} members ({self.mode})"
+            )
         if not all(isinstance(n, int) and 0 < n <= 1 << 20 for n in self.feature_shape):
             raise ProtocolError(f"bad feature shape {self.feature_shape}")
         positive = {"num_classes": self.num_classes, "steps": self.steps}

@@ -38,7 +38,7 @@ def job(mode: str, rounds: int = 40, **parallel: Any) -> JobSpec:
 
 @pytest.fixture(scope="module")
 def digits() -> list[Any]:
-    return federated_dataset("digits", 3, partition="iid", seed=0)
+    return federated_dataset("digits", 4, partition="iid", seed=0)
 
 
 class Members:
@@ -67,14 +67,14 @@ async def test_a_parallel_job_trains_and_saves_the_whole_model(
         trio.open_nursery() as nursery,
     ):
         await members.start(nursery)
-        spec = job(mode)
+        spec = job(mode, nodes=3)  # the MLP has 3 layers with weights: at most 3 stages
         result = await run_parallel_job(
             swarm.aggregator, spec, tmp_path / "job", on_round=lambda r: rounds.append(r.round)
         )
         nursery.cancel_scope.cancel()
     assert rounds == list(range(1, 41))
     assert result.strategy == f"{mode}-parallel"
-    assert sorted(result.trainers) == sorted(swarm.trainer_ids)
+    assert len(result.trainers) == 3 and set(result.trainers) <= set(swarm.trainer_ids)
     losses = [r.train_loss for r in result.history]
     assert all(loss is not None for loss in losses)
     assert np.mean(losses[-5:]) < np.mean(losses[:5])  # type: ignore[arg-type]
@@ -139,3 +139,50 @@ async def test_auto_runs_the_job_as_the_q_table_chooses(tmp_path: Path, digits: 
     assert guarded.chosen in (Action.FEDERATED, Action.SINGLE_NODE)
     assert kept_home.parallel is None  # it runs federated (or on its one biggest holder)
     assert Action.DATA_PARALLEL in guarded.masked
+
+
+async def test_a_pipeline_job_moves_a_dead_stage_to_its_spare(
+    tmp_path: Path, digits: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    members = Members()
+    rounds: list[int] = []
+    spec = job("pipeline", rounds=30, nodes=2, spares=1, peer_timeout_s=5.0)
+    async with (
+        fl_swarm(tmp_path, digits, setup_trainer=members.setup) as swarm,
+        trio.open_nursery() as nursery,
+    ):
+        await members.start(nursery)
+        by_id = {node.peer_id: node for node in swarm.trainers}
+        stage_1 = by_id[sorted(by_id)[1]]  # members are the fitting trainers in peer-id order
+        killed: list[int] = []
+
+        def on_round(record: Any) -> None:
+            rounds.append(record.round)
+            if record.round == 12 and not killed:
+                killed.append(record.round)
+                nursery.start_soon(kill, stage_1)
+
+        async def kill(node: Node) -> None:  # as SIGKILL would: nothing served, sockets closed
+            network = node.swarm.host.get_network()
+            node.stop()
+            await node.wait_stopped()
+            with trio.move_on_after(5):
+                for connections in list(network.connections.values()):
+                    for connection in list(connections):
+                        await connection.close()
+
+        result = await run_parallel_job(
+            swarm.aggregator, spec, tmp_path / "job", on_round=on_round, trainer_wait_s=10.0
+        )
+        nursery.cancel_scope.cancel()
+    assert killed and rounds == list(range(1, 31))
+    moved = [r.getMessage() for r in caplog.records if "moved to a spare" in r.getMessage()]
+    assert len(moved) == 1 and stage_1.peer_id in moved[0]  # stage 1's node, replaced once
+    assert [r.round for r in result.history] == list(range(1, 31))
+    losses = [r.train_loss for r in result.history]
+    assert all(loss is not None for loss in losses)
+    assert np.mean(losses[-5:]) < np.mean(losses[:5])  # type: ignore[arg-type]
+    saved = load_file(str(result.model_path))
+    info = swarm.aggregator.peer_table.get(swarm.trainer_ids[0])
+    assert info is not None
+    assert set(saved) == set(initial_arrays(spec, info.advert.datasets[0]))
