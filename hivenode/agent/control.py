@@ -82,6 +82,9 @@ class ControlApi:
                 return Response(exc.status, {"error": str(exc)})
             except AgentError as exc:
                 return Response(502, {"error": str(exc)})
+            except Exception as exc:  # a route's bug must not end the control API's nursery
+                log.exception("control API: %s %s failed", request.method, request.path)
+                return Response(500, {"error": f"internal error: {type(exc).__name__}: {exc}"})
         if allowed:
             return Response(405, {"error": f"{request.method} not allowed on {request.path}"})
         return Response(404, {"error": f"no such endpoint: {request.path}"})

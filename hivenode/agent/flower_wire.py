@@ -130,7 +130,10 @@ def _metadata(raw: Any) -> Metadata:
             raise ProtocolError(f"Flower metadata field {name!r} is missing or mistyped")
         values[name] = value
     # msgpack may bring a whole-number float back as an int; Flower's fields are floats
-    return Metadata(**values | {k: float(values[k]) for k in ("created_at", "ttl")})
+    try:
+        return Metadata(**values | {k: float(values[k]) for k in ("created_at", "ttl")})
+    except (ValueError, TypeError) as exc:  # Flower's own checks (message_type, ...)
+        raise ProtocolError(f"Flower metadata refused: {exc}") from exc
 
 
 def _error(raw: Any) -> tuple[int, str]:

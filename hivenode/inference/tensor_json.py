@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import math
 from typing import Any
 
 import numpy as np
@@ -41,11 +42,13 @@ def tensor_from_json(raw: Any) -> NDArray:
         dtype = np.dtype(str(raw["dtype"])).newbyteorder("<")
         shape = tuple(int(d) for d in raw["shape"])
         data = base64.b64decode(str(raw["b64"]), validate=True)
-    except (TypeError, ValueError, binascii.Error) as exc:
+    except (TypeError, ValueError, OverflowError, SyntaxError, binascii.Error) as exc:
+        # numpy's dtype parser raises SyntaxError on some strings; int(inf) OverflowError
         raise InferenceError(Code.BAD_INPUT, f"unreadable tensor: {exc}") from exc
     if dtype.str not in ALLOWED_DTYPES:
         raise InferenceError(Code.BAD_INPUT, f"dtype {dtype.name} is not carried")
-    if any(d < 0 for d in shape) or int(np.prod(shape)) * dtype.itemsize != len(data):
+    # math.prod: np.prod wraps around int64 for huge shapes and a forged one would pass
+    if any(d < 0 for d in shape) or math.prod(shape) * dtype.itemsize != len(data):
         raise InferenceError(
             Code.BAD_INPUT, f"{len(data)} bytes do not make a {dtype.name} tensor of {list(shape)}"
         )

@@ -9,6 +9,7 @@ ran in}`, the outputs as tensor frames (batch first). Errors are the rpc error r
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -73,8 +74,12 @@ class InferReply:
     @classmethod
     def from_body(cls, body: Mapping[str, Any]) -> InferReply:
         def number(key: str) -> float:
+            # a worker's figures are advisory: anything not a finite number counts as 0
             value = body.get(key, 0)
-            return float(value) if isinstance(value, int | float) else 0.0
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                return 0.0
+            value = float(value)
+            return value if math.isfinite(value) and abs(value) < 2**53 else 0.0
 
         return cls(
             model=str(body.get("model", "")),

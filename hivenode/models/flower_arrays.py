@@ -11,6 +11,7 @@ import functools
 import io
 import math
 import struct
+import tokenize
 from typing import Any
 
 import numpy as np
@@ -75,12 +76,16 @@ def _parse_header(header: bytes) -> tuple[tuple[int, ...], bool, np.dtype[Any]]:
             shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(stream)
         else:
             raise ArrayFormatError(f"unsupported .npy version {version}")
-    except ValueError as exc:
+    # numpy parses the header with ast.literal_eval: besides ValueError it raises SyntaxError,
+    # TokenError, TypeError (an unhashable key) and RecursionError (deep nesting)
+    except (ValueError, SyntaxError, TypeError, RecursionError, tokenize.TokenError) as exc:
         raise ArrayFormatError(f"Array data is not a valid .npy buffer: {exc}") from exc
     if stream.tell() != len(header):
         raise ArrayFormatError("Array data is not a valid .npy buffer (header length)")
     if dtype.hasobject:
         raise ArrayFormatError(f"Array holds Python objects ({dtype}); refusing to read it")
+    if dtype.kind not in "biufc" or dtype.itemsize == 0:  # plain numbers only, as documented
+        raise ArrayFormatError(f"Array dtype {dtype} is not a plain numeric type")
     return tuple(shape), bool(fortran_order), dtype
 
 

@@ -56,7 +56,7 @@ class ArrayInfo:
             if dtype.hasobject or dtype.names or len(self.raw) != self.size * dtype.itemsize:
                 return None
             values: list[Any] = np.frombuffer(self.raw, dtype=dtype).tolist()
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, SyntaxError):
             return None
         return values
 
@@ -83,7 +83,7 @@ def dtype_of(value: Any) -> np.dtype[Any] | None:
             else:
                 unit = 4 if dtype.kind == "U" else 1
                 dtype = np.dtype(f"{dtype.kind}{itemsize // unit}")
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, SyntaxError):  # numpy parses some dtype strings as Python
         return None
     return dtype
 

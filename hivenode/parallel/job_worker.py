@@ -138,6 +138,9 @@ class ParallelJobWorker:
             if peer != self.node.peer_id:
                 self.node.make_dialable(peer)
         try:
+            # torch takes seconds to import: on the loop it would stall every reply of this
+            # node (the start order's own included), so the training modules load in a thread
+            await trio.to_thread.run_sync(_load_training_modules)
             if order.mode == "data":
                 await self._train_replica(run)
             else:
@@ -321,6 +324,13 @@ def _sampled_batches(data: LocalData, order: JobOrder) -> Any:
         return data.x_train[rows], data.y_train[rows]
 
     return batch
+
+
+def _load_training_modules() -> None:
+    import importlib
+
+    for name in ("data_parallel", "pipeline", "pipeline_failover"):
+        importlib.import_module(f"hivenode.parallel.{name}")
 
 
 def _stage_weights(stage: Any) -> dict[str, np.ndarray[Any, Any]]:

@@ -275,7 +275,8 @@ class SwarmTable:
                 table._clock[origin] = max(table._clock.get(origin, 0), int(data["clock"]))
                 for text in data.get("evidence", []) if verify is not None else []:
                     table._keep_verified(origin, base64.b64decode(text), verify)
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
+            # OverflowError: int(Infinity), which JSON happily parses
             raise PlannerError(f"not a Q-table document: {type(exc).__name__} {exc}") from exc
         return table
 

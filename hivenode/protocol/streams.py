@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from typing import Final, Protocol
 
+import numpy as np
+
 from hivenode.protocol.errors import ProtocolError
 from hivenode.protocol.limits import DEFAULT_LIMITS, Limits
 from hivenode.protocol.message import (
@@ -82,9 +84,12 @@ async def read_message_or_end(
     prefix = first + await read_exactly(stream, HEADER_PREFIX_BYTES - len(first))
     length = header_length(prefix, limits)
     header = parse_header(await read_exactly(stream, length), limits)
-    payload = bytearray(header.tensor_bytes)
-    await read_into(stream, payload)
-    return header.to_message(build_tensors(header.tensors, payload))
+    # np.empty, not bytearray: a bytearray zero-fills (commits) the declared size before a
+    # byte arrives, so an 87-byte message declaring 1 GiB of tensors cost 1 GiB; untouched
+    # pages of np.empty cost nothing, and pages fill only as the bytes really come
+    payload = np.empty(header.tensor_bytes, dtype=np.uint8)
+    await read_into(stream, payload.data)
+    return header.to_message(build_tensors(header.tensors, payload.data))
 
 
 async def write_message(stream: ByteStream, msg: Message) -> None:

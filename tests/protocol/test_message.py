@@ -246,8 +246,51 @@ async def test_read_message_builds_writable_arrays_over_one_buffer() -> None:
         msg = await read_message(stream)
     owners = {id(root_buffer(array)) for array in msg.tensors}
     assert len(owners) == 1
-    assert isinstance(root_buffer(msg.tensors[0]), bytearray)
     assert all(array.flags.writeable for array in msg.tensors)
+
+
+async def test_a_declared_size_costs_no_memory_until_its_bytes_arrive() -> None:
+    """87 bytes that declare 1 GiB of tensors, then silence: while the reader waits for the
+    rest, the declaration has not made it commit 1 GiB (a bytearray of the declared size
+    did, zero-filled: a remote DoS), and the stream's end is refused."""
+    import msgpack
+    import psutil
+
+    from hivenode.protocol.message import HEADER_PREFIX
+
+    parts = encode_message(Message("m", 1, "peer", {}, (np.zeros(4, np.float32),)))
+    header = msgpack.unpackb(bytes(parts[0])[HEADER_PREFIX.size :])
+    header["tensors"][0].update(shape=[2**28], nbytes=2**30)  # float32: 1 GiB
+    packed = msgpack.packb(header)
+    stream = StallingStream(HEADER_PREFIX.pack(len(packed)) + packed + b"\0" * 16)
+    rss = psutil.Process().memory_info().rss
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+
+            async def read() -> None:
+                with pytest.raises(ProtocolError, match="stream ended"):
+                    await read_message(stream)
+
+            nursery.start_soon(read)
+            await stream.drained.wait()  # the reader holds its buffer and waits for bytes
+            grown = psutil.Process().memory_info().rss - rss
+            stream.release.set()
+    assert grown < 256 * 2**20
+
+
+class StallingStream(MemoryStream):
+    """Gives its bytes, then waits for `release` before it ends."""
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__(data)
+        self.drained = trio.Event()
+        self.release = trio.Event()
+
+    async def read(self, n: int) -> bytes:
+        if self.position >= len(self.data):
+            self.drained.set()
+            await self.release.wait()
+        return await super().read(n)
 
 
 # --- refused dtypes ----------------------------------------------------------------------
