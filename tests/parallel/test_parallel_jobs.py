@@ -146,7 +146,8 @@ async def test_a_pipeline_job_moves_a_dead_stage_to_its_spare(
 ) -> None:
     members = Members()
     rounds: list[int] = []
-    spec = job("pipeline", rounds=30, nodes=2, spares=1, peer_timeout_s=5.0)
+    # long enough that the kill, at the first progress the coordinator hears, lands mid-job
+    spec = job("pipeline", rounds=150, nodes=2, spares=1, peer_timeout_s=5.0)
     async with (
         fl_swarm(tmp_path, digits, setup_trainer=members.setup) as swarm,
         trio.open_nursery() as nursery,
@@ -158,7 +159,7 @@ async def test_a_pipeline_job_moves_a_dead_stage_to_its_spare(
 
         def on_round(record: Any) -> None:
             rounds.append(record.round)
-            if record.round == 12 and not killed:
+            if record.round >= 5 and not killed:
                 killed.append(record.round)
                 nursery.start_soon(kill, stage_1)
 
@@ -175,10 +176,10 @@ async def test_a_pipeline_job_moves_a_dead_stage_to_its_spare(
             swarm.aggregator, spec, tmp_path / "job", on_round=on_round, trainer_wait_s=10.0
         )
         nursery.cancel_scope.cancel()
-    assert killed and rounds == list(range(1, 31))
+    assert killed and killed[0] < 100 and rounds == list(range(1, 151))
     moved = [r.getMessage() for r in caplog.records if "moved to a spare" in r.getMessage()]
     assert len(moved) == 1 and stage_1.peer_id in moved[0]  # stage 1's node, replaced once
-    assert [r.round for r in result.history] == list(range(1, 31))
+    assert [r.round for r in result.history] == list(range(1, 151))
     losses = [r.train_loss for r in result.history]
     assert all(loss is not None for loss in losses)
     assert np.mean(losses[-5:]) < np.mean(losses[:5])  # type: ignore[arg-type]
