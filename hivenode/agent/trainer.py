@@ -52,6 +52,10 @@ _JOB_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 ClientAppLike = Callable[[Message, Context], Message]
 
 
+MAX_JOB_CONTEXTS = 64
+"""Jobs whose Flower Context a trainer keeps in memory; older ones are reloaded from disk."""
+
+
 @dataclass
 class JobContext:
     context: Context
@@ -115,11 +119,17 @@ class Trainer:
     def _context(
         self, job: str, aggregator: str, node_config: dict[str, Any], run_config: dict[str, Any]
     ) -> JobContext:
-        known = self._jobs.get(job)
+        known = self._jobs.pop(job, None)
         if known is not None:
+            self._jobs[job] = known  # most recently used last
             known.context.node_config.update(node_config)
             known.context.run_config.update(run_config)
             return known
+        while len(self._jobs) >= MAX_JOB_CONTEXTS:
+            # the least recently used job's context: its state is on disk after every
+            # message, so a job that comes back reloads it (kept forever, they grew without
+            # bound: ~1 KB per FedAvg job, 16 B per parameter per SCAFFOLD job)
+            del self._jobs[next(iter(self._jobs))]
         path = self.state_dir / "jobs" / job / "trainer-state.bin"
         state = _load_state(path)
         context = Context(

@@ -51,6 +51,7 @@ from hivenode.protocol.parallel_job import FAILED, FINISHED, START, STATUS, JobO
 log = logging.getLogger(__name__)
 
 POLL_S = 0.5
+MAX_MISSES = 3
 REQUEST_TIMEOUT_S = 30.0
 
 NDArray = np.ndarray[Any, Any]
@@ -201,15 +202,24 @@ async def _follow(
     reporters = list(members) if section.mode == "data" else [members[stages - 1], *spares]
     tolerant = section.mode == "data" or section.spares > 0
     history: list[RoundRecord] = []
+    misses = 0
     while reporters:
         reporter = reporters[0]
         try:
             body, _ = await _status(node, reporter, run_id, len(history))
+            misses = 0
         except RpcError as exc:
+            # one failed poll can be a stream that did not open under load: a member is
+            # taken for gone after MAX_MISSES in a row
+            misses += 1
+            if misses < MAX_MISSES:
+                await trio.sleep(POLL_S)
+                continue
             if not tolerant:
                 raise JobError(f"the last stage ({reporter[-8:]}) is gone: {exc}") from exc
             log.warning("job %s: member %s is gone (%s); polling the next", run_id, reporter, exc)
             reporters.pop(0)
+            misses = 0
             continue
         for raw in body.get("records") or []:
             record = _round_record(raw, stages)
@@ -234,11 +244,16 @@ async def _finals(
     """Every member's final status (and weights); a replica that died is left out."""
     finals: dict[str, tuple[dict[str, Any], dict[str, NDArray]]] = {}
     for peer in members:
+        misses = 0
         with trio.move_on_after(REQUEST_TIMEOUT_S * 2):
             while True:
                 try:
                     body, weights = await _status(node, peer, run_id, steps, weights=True)
                 except RpcError as exc:
+                    misses += 1
+                    if misses < MAX_MISSES:  # a stream that did not open, not a death
+                        await trio.sleep(POLL_S)
+                        continue
                     if section.mode != "data" and not section.spares:
                         raise JobError(f"stage {peer[-8:]} is gone: {exc}") from exc
                     break  # a dead replica, or a stage a spare took over

@@ -6,34 +6,11 @@ a node takes part in (see `router.py`).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any, Final, TypeVar
+from typing import Final
 
-from hivenode.protocol.errors import ProtocolError
+from hivenode.protocol.fields import field as field
+from hivenode.protocol.fields import number as number
+from hivenode.protocol.fields import peer_list as peer_list
 from hivenode.protocol.ids import ALLREDUCE_PROTOCOL, DP_STATE_PROTOCOL, PIPELINE_PROTOCOL
 
 PROTOCOLS: Final = (ALLREDUCE_PROTOCOL, DP_STATE_PROTOCOL, PIPELINE_PROTOCOL)
-
-_T = TypeVar("_T")
-
-
-def field(body: Mapping[str, Any], name: str, kind: type[_T]) -> _T:
-    """`body[name]` of type `kind` (a bool is no int), else a ProtocolError naming it."""
-    value = body.get(name)
-    if not isinstance(value, kind) or (kind in (int, float) and isinstance(value, bool)):
-        raise ProtocolError(f"request field {name!r} must be {kind.__name__}, got {value!r:.60}")
-    return value
-
-
-def number(body: Mapping[str, Any], name: str) -> float:
-    value = body.get(name)
-    if not isinstance(value, int | float) or isinstance(value, bool):
-        raise ProtocolError(f"request field {name!r} must be a number, got {value!r:.60}")
-    return float(value)
-
-
-def peer_list(body: Mapping[str, Any], name: str, max_peers: int = 4096) -> tuple[str, ...]:
-    raw = field(body, name, list)
-    if len(raw) > max_peers or not all(isinstance(p, str) and 0 < len(p) < 128 for p in raw):
-        raise ProtocolError(f"request field {name!r} must be a list of peer ids")
-    return tuple(raw)

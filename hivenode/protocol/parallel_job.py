@@ -6,9 +6,10 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from typing import Any, Final, TypeVar
+from typing import Any, Final
 
 from hivenode.protocol.errors import ProtocolError
+from hivenode.protocol.fields import field, number, peer_list
 
 START: Final = "parallel_start"
 STATUS: Final = "parallel_status"
@@ -16,8 +17,6 @@ STATUS: Final = "parallel_status"
 MODES: Final = ("data", "pipeline", "model")
 RUNNING, FINISHED, FAILED = "running", "finished", "failed"
 MAX_MEMBERS: Final = 256
-
-_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -58,26 +57,26 @@ class JobOrder:
 
     @classmethod
     def from_body(cls, body: Mapping[str, Any]) -> JobOrder:
-        members = _peers(body, "members")
+        members = peer_list(body, "members", MAX_MEMBERS)
         order = cls(
-            job=_field(body, "job", str),
-            mode=_field(body, "mode", str),
+            job=field(body, "job", str),
+            mode=field(body, "mode", str),
             members=members,
-            rank=_field(body, "rank", int),
-            dataset=_field(body, "dataset", str),
-            model=_field(body, "model", str),
-            options=_field(body, "options", dict),
-            feature_shape=tuple(_field(body, "feature_shape", list)),
-            num_classes=_field(body, "num_classes", int),
-            seed=_field(body, "seed", int),
-            steps=_field(body, "steps", int),
-            batch_size=_field(body, "batch_size", int),
-            lr=_number(body, "lr"),
-            momentum=_number(body, "momentum"),
-            micro_batches=_field(body, "micro_batches", int),
-            peer_timeout=_number(body, "peer_timeout"),
-            compression=_field(body, "compression", str),
-            stages=_field({"stages": body.get("stages", 0)}, "stages", int),
+            rank=field(body, "rank", int),
+            dataset=field(body, "dataset", str),
+            model=field(body, "model", str),
+            options=field(body, "options", dict),
+            feature_shape=tuple(field(body, "feature_shape", list)),
+            num_classes=field(body, "num_classes", int),
+            seed=field(body, "seed", int),
+            steps=field(body, "steps", int),
+            batch_size=field(body, "batch_size", int),
+            lr=number(body, "lr"),
+            momentum=number(body, "momentum"),
+            micro_batches=field(body, "micro_batches", int),
+            peer_timeout=number(body, "peer_timeout"),
+            compression=field(body, "compression", str),
+            stages=field({"stages": body.get("stages", 0)}, "stages", int),  # absent: 0
         )
         order.check()
         return order
@@ -99,24 +98,3 @@ class JobOrder:
             raise ProtocolError(f"counts must be positive (and classes ≥ 2): {positive}")
         if not (math.isfinite(self.lr) and self.lr > 0 and self.peer_timeout > 0):
             raise ProtocolError("lr and peer_timeout must be positive")
-
-
-def _field(body: Mapping[str, Any], name: str, kind: type[_T]) -> _T:
-    value = body.get(name)
-    if not isinstance(value, kind) or (kind in (int, float) and isinstance(value, bool)):
-        raise ProtocolError(f"order field {name!r} must be {kind.__name__}, got {value!r:.60}")
-    return value
-
-
-def _number(body: Mapping[str, Any], name: str) -> float:
-    value = body.get(name)
-    if not isinstance(value, int | float) or isinstance(value, bool):
-        raise ProtocolError(f"order field {name!r} must be a number, got {value!r:.60}")
-    return float(value)
-
-
-def _peers(body: Mapping[str, Any], name: str) -> tuple[str, ...]:
-    raw = _field(body, name, list)
-    if len(raw) > MAX_MEMBERS or not all(isinstance(p, str) and 0 < len(p) < 128 for p in raw):
-        raise ProtocolError(f"order field {name!r} must list at most {MAX_MEMBERS} peer ids")
-    return tuple(raw)

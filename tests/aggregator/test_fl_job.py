@@ -136,3 +136,16 @@ async def test_a_resumed_job_keeps_the_trainers_it_had(tmp_path: Path, digits: A
     assert resumed.resumed_from == 2
     assert resumed.trainers == first.trainers  # the same partition ids, in the same order
     assert resumed.history[-1].participants == 3
+
+
+def test_a_trainer_keeps_a_bounded_number_of_job_contexts(tmp_path: Path) -> None:
+    from hivenode.agent.trainer import MAX_JOB_CONTEXTS, Trainer
+
+    trainer = Trainer(tmp_path, "peer", {})
+    first = trainer._context("job-0", "agg", {}, {})
+    for index in range(1, MAX_JOB_CONTEXTS + 10):
+        trainer._context(f"job-{index}", "agg", {}, {})
+        trainer._context("job-0", "agg", {}, {})  # in use: stays
+    assert len(trainer._jobs) == MAX_JOB_CONTEXTS
+    assert trainer._context("job-0", "agg", {}, {}) is first
+    assert "job-1" not in trainer._jobs  # the least recently used went

@@ -26,6 +26,7 @@ from fuzz_targets import TARGETS, Target
 BUDGET_S = 0.2
 """Per target: 16 targets, the node and the harness's own checks stay within ~20 s."""
 
+
 def _npy(header: str) -> bytes:
     """A version-1 .npy buffer with this header text and no data."""
     raw = header.encode("latin-1") + b"\n"
