@@ -17,6 +17,7 @@ import itertools
 import statistics
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -290,7 +291,6 @@ async def _run_pipeline(
 ) -> SimReport:
     from hivenode.parallel.data_parallel import global_batches
     from hivenode.parallel.pipeline import PipelineConfig, Stage, stage_cuts
-    from hivenode.parallel.torch_state import parameter_count
 
     micro = config.micro_batches if config.mode == "pipeline" else 1
     if micro > config.batch_size:
@@ -313,10 +313,29 @@ async def _run_pipeline(
             nursery.start_soon(stage.train)
     for stage in stages:
         await stage.aclose()
+    sent = [sum(s.records[i].bytes_sent for s in stages) for i in range(1, config.steps)]
+    return _pipeline_report(
+        config, recipe, stages, sent, _throughput(step_ends, config.global_batch), cuts, micro
+    )
+
+
+def _pipeline_report(
+    config: SimConfig,
+    recipe: Any,
+    stages: Sequence[Any],
+    sent: Sequence[int],
+    samples_per_s: float,
+    cuts: Sequence[int],
+    micro: int,
+    **fields: Any,
+) -> SimReport:
+    """A pipeline run's report; `fields` add the fault's figures, `fields["extra"]` its details."""
+    from hivenode.parallel.torch_state import parameter_count  # torch: imported lazily
+
     combined: dict[str, Any] = {}
     for stage in stages:
         combined.update(stage.state())
-    sent = [sum(s.records[i].bytes_sent for s in stages) for i in range(1, config.steps)]
+    extra = {"states": combined, "cuts": cuts, "micro_batches": micro, **fields.pop("extra", {})}
     return SimReport(
         mode=config.mode,
         nodes=config.nodes,
@@ -324,7 +343,7 @@ async def _run_pipeline(
         steps=config.steps,
         global_batch=config.global_batch,
         parameters=parameter_count(recipe.build()),
-        samples_per_s=_throughput(step_ends, config.global_batch),
+        samples_per_s=samples_per_s,
         single_node_samples_per_s=0.0,
         max_param_diff=0.0,
         equivalent=None,
@@ -334,7 +353,8 @@ async def _run_pipeline(
         theoretical_bytes_per_node=None,
         step_ms_p50=statistics.median(r.seconds for r in stages[0].records) * 1000,
         compression="none",
-        extra={"states": combined, "cuts": cuts, "micro_batches": micro},
+        extra=extra,
+        **fields,
     )
 
 
@@ -352,7 +372,6 @@ async def _run_failover(
     from hivenode.parallel.data_parallel import global_batches
     from hivenode.parallel.pipeline import PipelineConfig, Stage, StageStep, stage_cuts
     from hivenode.parallel.pipeline_failover import FailoverStage, PipelineCoordinator
-    from hivenode.parallel.torch_state import parameter_count
 
     assert config.kill_stage is not None
     kill = StageKill(config.kill_stage, config.stage_kill_step)
@@ -429,33 +448,21 @@ async def _run_failover(
         raise errors[0]
     by_peer = {r.node.peer_id: r.stage for r in runners if r.stage is not None}
     stages = [by_peer[peer] for peer in coordinator.peers]
-    combined: dict[str, Any] = {}
-    for stage in stages:
-        combined.update(stage.state())
     records = [{r.step: r for r in stage.records} for stage in stages]
     common = sorted(set.intersection(*(set(r) for r in records)) - {0})
     sent = [sum(r[step].bytes_sent for r in records) for step in common]
     span = step_ends[-1] - step_ends[0]
     usual = statistics.median(b - a for a, b in itertools.pairwise(step_ends))
     failover = coordinator.failovers[0] if coordinator.failovers else None
-    return SimReport(
-        mode=config.mode,
-        nodes=config.nodes,
-        seed=config.seed,
-        steps=config.steps,
-        global_batch=config.global_batch,
-        parameters=parameter_count(recipe.build()),
+    return _pipeline_report(
+        config,
+        recipe,
+        stages,
+        sent,
         # the steps that count, over the whole time: redone steps are lost time
-        samples_per_s=(config.steps - 1) * config.global_batch / span if span > 0 else 0.0,
-        single_node_samples_per_s=0.0,
-        max_param_diff=0.0,
-        equivalent=None,
-        replicas_identical=None,
-        bytes_per_step=statistics.median(sent),
-        bytes_per_node_per_step=statistics.median(sent) / config.nodes,
-        theoretical_bytes_per_node=None,
-        step_ms_p50=statistics.median(r.seconds for r in stages[0].records) * 1000,
-        compression="none",
+        (config.steps - 1) * config.global_batch / span if span > 0 else 0.0,
+        cuts,
+        micro,
         fault="kill-stage",
         time_lost_s=span - (config.steps - 1) * usual,
         kill_stage=kill.stage,
@@ -463,9 +470,6 @@ async def _run_failover(
         checkpoint_step=failover.checkpoint_step if failover else None,
         recovery_s=failover.recovery_s if failover else None,
         extra={
-            "states": combined,
-            "cuts": cuts,
-            "micro_batches": micro,
             "kill_step": kill.step,
             "checkpoint_every": config.checkpoint_every,
             "failovers": [asdict(f) for f in coordinator.failovers],
