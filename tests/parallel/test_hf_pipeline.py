@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-import trio
+from pipeline_run import train_three_stages
 
 from hivenode.models.training.backend import TrainingError
 from hivenode.models.training.hf_sequential import (
@@ -21,8 +21,7 @@ from hivenode.models.training.hf_sequential import (
     to_hf_state_dict,
 )
 from hivenode.parallel.data_parallel import global_batches, train_reference
-from hivenode.parallel.local_nodes import local_nodes
-from hivenode.parallel.pipeline import PipelineConfig, Stage, leaf_layers, stage_cuts
+from hivenode.parallel.pipeline import PipelineConfig, leaf_layers
 from hivenode.parallel.torch_state import ModelRecipe, SgdConfig, max_param_diff
 
 VOCAB = 50
@@ -68,21 +67,8 @@ async def test_three_stages_train_the_hf_model_as_one_node_does(tmp_path: Path, 
     x, y = token_dataset(read_at)
     batches = global_batches(x, y, BATCH)
     config = PipelineConfig(f"pp-{arch}", recipe, sgd, steps=STEPS, micro_batches=4)
-    cuts = stage_cuts(recipe, 3)
-    async with local_nodes(tmp_path) as swarm:
-        nodes = [await swarm.start() for _ in range(3)]
-        peers = [n.peer_id for n in nodes]
-        stages = [Stage(n.node, n.router, config, peers, i, cuts) for i, n in enumerate(nodes)]
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(stages[0].train, batches)
-            for stage in stages[1:]:
-                nursery.start_soon(stage.train)
-        for stage in stages:
-            await stage.aclose()
+    stages, combined = await train_three_stages(tmp_path, config, batches)
     reference, _ = train_reference(recipe, sgd, batches, STEPS)
-    combined: dict[str, torch.Tensor] = {}
-    for stage in stages:
-        combined.update(stage.state())
     assert max_param_diff(combined, dict(reference.state_dict())) <= 1e-5
     losses = [r.loss for r in stages[-1].records]
     assert all(loss is not None for loss in losses)

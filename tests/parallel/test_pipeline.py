@@ -6,9 +6,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import trio
 from parallel_data import teacher_dataset
+from pipeline_run import train_three_stages
 
 from hivenode.agent.errors import RpcError
 from hivenode.agent.rpc import request
@@ -30,21 +30,8 @@ async def test_three_stages_equal_single_node_training(
     x, y = teacher_dataset()
     batches = global_batches(x, y, 64)
     config = PipelineConfig("pp", RECIPE, SGD, steps=steps, micro_batches=micro_batches)
-    cuts = stage_cuts(RECIPE, 3)
-    async with local_nodes(tmp_path) as swarm:
-        nodes = [await swarm.start() for _ in range(3)]
-        peers = [n.peer_id for n in nodes]
-        stages = [Stage(n.node, n.router, config, peers, i, cuts) for i, n in enumerate(nodes)]
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(stages[0].train, batches)
-            for stage in stages[1:]:
-                nursery.start_soon(stage.train)
-        for stage in stages:
-            await stage.aclose()
+    stages, combined = await train_three_stages(tmp_path, config, batches)
     reference, _ = train_reference(RECIPE, SGD, batches, steps)
-    combined: dict[str, torch.Tensor] = {}
-    for stage in stages:
-        combined.update(stage.state())
     assert max_param_diff(combined, dict(reference.state_dict())) <= 1e-5
     losses = [r.loss for r in stages[-1].records]
     assert losses[-1] is not None and losses[0] is not None and losses[-1] < losses[0]
