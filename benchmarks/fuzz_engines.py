@@ -292,9 +292,15 @@ class Runner:
 
 
 def run_hypothesis(
-    runner: Runner, seconds: float, seed: int, warm: bool = True, shrink: bool = True
+    runner: Runner,
+    seconds: float,
+    seed: int,
+    warm: bool = True,
+    shrink: bool = True,
+    min_inputs: int = 0,
 ) -> Tally:
-    """`given(strategy)` in seeded batches of HYPOTHESIS_BATCH until `seconds` are spent.
+    """`given(strategy)` in seeded batches of HYPOTHESIS_BATCH until `seconds` are spent
+    and at least `min_inputs` inputs were run (a slow machine still does the work a test needs).
 
     `warm`: run the valid corpus once first, unjudged, so that the imports a decoder does
     on first use (flwr, h5py) are not timed as a hang of whatever input comes first.
@@ -305,7 +311,9 @@ def run_hypothesis(
     started = time.monotonic()
     stop = started + seconds
     batch = 0
-    while time.monotonic() < stop:
+    while time.monotonic() < stop or runner.tally.inputs < min_inputs:
+        if time.monotonic() >= stop:  # budget spent but short of inputs: one more slice
+            stop = time.monotonic() + 0.5
         _hypothesis_batch(runner, strategy, seed * 1_000_003 + batch, stop, shrink)
         batch += 1
     runner.tally.elapsed_s = time.monotonic() - started

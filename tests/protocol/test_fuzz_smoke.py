@@ -176,7 +176,9 @@ async def test_a_real_node_keeps_serving_fuzzed_requests(tmp_path: Path) -> None
             token = trio.lowlevel.current_trio_token()
             target, outcomes = network_target(swarm, DEADLINE_S, token)
             runner = Runner(target, "hypothesis", DEADLINE_S, None)
-            tally = await trio.to_thread.run_sync(run_hypothesis, runner, 1.5, 0, False, False)
+            tally = await trio.to_thread.run_sync(
+                run_hypothesis, runner, 1.5, 0, False, False, LIVENESS_EVERY
+            )
             assert tally.inputs >= LIVENESS_EVERY  # so the node's status was checked
             bad = [f for f in tally.findings.values() if f.kind != "masked"]
             assert bad == [], _report(bad)
