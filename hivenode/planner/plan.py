@@ -111,6 +111,8 @@ class Plan:
             seen = f"{visits} visits" if visits else f"untried: counts as {self.untried_value:+.4f}"
             lines.append(f" {mark} {action.value:<18} {self.q_values[action]:+.4f}  ({seen}){why}")
         how = "explored at random (ε-greedy)" if self.explored else "greedy"
+        if not self.explored and self.visits[self.chosen] == 0 and any(self.visits.values()):
+            how = "greedy: an untried action gets its try before the state settles"
         lines.append(f"chosen: {self.chosen.value} ({how})")
         for row in self.per_node() if nodes else []:
             lines.append(f"  {row['peer_id']}: {row['work']}")

@@ -129,7 +129,10 @@ async def test_auto_runs_the_job_as_the_q_table_chooses(tmp_path: Path, digits: 
         assert gossip is not None
         gossip.table.epsilon = 0.0  # greedy: the table's values decide
         first, plan = await resolve_auto(swarm.aggregator, spec, trainer_wait_s=5.0)
-        for _ in range(5):  # teach it that data parallel pays off for this state
+        # teach it that data parallel pays off for this state, and single node (which an
+        # untried state tries first) less
+        gossip.record(plan.reading.state, Action.SINGLE_NODE, 0.0)
+        for _ in range(5):
             gossip.record(plan.reading.state, Action.DATA_PARALLEL, 1.0)
         taught, again = await resolve_auto(swarm.aggregator, spec, trainer_wait_s=5.0)
         private = spec.model_copy(update={"plan": {"private": True}})

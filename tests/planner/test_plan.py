@@ -81,6 +81,7 @@ def test_an_impossible_breakdown_is_masked_and_the_choice_made_again() -> None:
     nodes = [NodeView("a", memory_bytes=7 * GIB), NodeView("b", memory_bytes=7 * GIB)]
     table = QTable()
     state = encode(job, nodes).state
+    table.update(state, Action.SINGLE_NODE, 0.1)
     table.update(state, Action.MODEL_PARALLEL, 0.9)
     table.update(state, Action.PIPELINE_PARALLEL, 0.8)
     plan = make_plan(job, nodes, table)

@@ -34,6 +34,7 @@ def legacy_table() -> np.ndarray:
 
 def test_greedy_takes_the_best_allowed_action() -> None:
     table = QTable()
+    table.update(S, Action.SINGLE_NODE, 0.2)
     table.update(S, Action.PIPELINE_PARALLEL, 0.9)
     table.update(S, Action.FEDERATED, 0.5)
     assert table.greedy(S, ALL) is Action.PIPELINE_PARALLEL
@@ -60,17 +61,29 @@ def test_an_untried_action_counts_as_the_prior() -> None:
 
 def test_a_tried_action_equal_to_the_prior_beats_an_untried_one() -> None:
     table = QTable()  # the default prior: 0, a job that just meets its reference
+    table.update(S, Action.SINGLE_NODE, -0.5)
     table.update(S, Action.FEDERATED, 0.0)
     assert table.greedy(S, ALL) is Action.FEDERATED
     table.update(S, Action.FEDERATED, -0.2)  # mean −0.1: below the reference
-    assert table.greedy(S, ALL) is Action.SINGLE_NODE
+    assert table.greedy(S, ALL) is Action.DATA_PARALLEL
 
 
 def test_the_lowest_prior_prefers_every_tried_action() -> None:
     table = QTable(hyper=Hyper(untried_value=-1.0))
+    table.update(S, Action.SINGLE_NODE, -1.0)
     table.update(S, Action.MODEL_PARALLEL, -1.0)  # a failure still beats the unknown
-    assert table.greedy(S, ALL) is Action.MODEL_PARALLEL
-    assert table.greedy(S, [Action.SINGLE_NODE, Action.FEDERATED]) is Action.SINGLE_NODE
+    assert table.greedy(S, [Action.DATA_PARALLEL, Action.SINGLE_NODE]) is Action.SINGLE_NODE
+    assert table.greedy(S, [Action.FEDERATED, Action.SINGLE_NODE]) is Action.SINGLE_NODE
+
+
+def test_the_least_coordinated_action_is_tried_before_a_state_settles() -> None:
+    table = QTable()
+    table.update(S, Action.PIPELINE_PARALLEL, 0.9)  # a job on which single node was masked
+    assert table.greedy(S, ALL) is Action.SINGLE_NODE  # untried: its one try comes first
+    table.update(S, Action.SINGLE_NODE, 0.4)
+    assert table.greedy(S, ALL) is Action.PIPELINE_PARALLEL  # tried, and beaten
+    allowed = [Action.FEDERATED, Action.PIPELINE_PARALLEL]  # federated leads this one
+    assert table.greedy(S, allowed) is Action.FEDERATED
 
 
 def test_the_same_seed_makes_the_same_choices() -> None:
@@ -95,6 +108,7 @@ def test_exploration_draws_only_allowed_actions_and_epsilon_decays_to_its_floor(
 
 def test_epsilon_zero_is_always_greedy() -> None:
     table = QTable(hyper=Hyper(epsilon=0.0), seed=0)
+    table.update(S, Action.SINGLE_NODE, 0.0)
     table.update(S, Action.DATA_PARALLEL, 1.0)
     assert all(table.choose(S, ALL) == (Action.DATA_PARALLEL, False) for _ in range(20))
 

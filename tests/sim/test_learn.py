@@ -148,6 +148,7 @@ def test_the_oracle_of_a_context_is_its_best_mean_reward() -> None:
     ]
     table = QTable("t")
     assert oracle_agreement(table, jobs).share == 0.0  # unvisited: the tie goes to single
+    table.update(state, Action.SINGLE_NODE, -0.05)
     table.update(state, Action.FEDERATED, 0.45)
     agreement = oracle_agreement(table, jobs)
     assert agreement.share == 1.0 and agreement.greedy_loss == 0.0
