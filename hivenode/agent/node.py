@@ -23,6 +23,7 @@ from hivenode.agent.metrics import Metrics
 from hivenode.agent.node_views import status_view
 from hivenode.agent.peer_table import PeerTable, Update
 from hivenode.agent.settings import Settings
+from hivenode.agent.wire_guard import WireGuard
 from hivenode.protocol.advert import Advert, Hardware, Role
 from hivenode.protocol.errors import ProtocolError
 from hivenode.protocol.ids import (
@@ -116,6 +117,8 @@ class Node:
         self.hardware: Hardware | None = None
         """The last hardware probe, refreshed before each advert."""
         self._nursery: trio.Nursery | None = None
+        self.wire_guard = WireGuard(self.peer_id, settings.security, trio.current_time)
+        """The allow-list and rate limits every request from a peer passes (rpc.RpcServer)."""
 
     def add_handler(
         self,
@@ -469,6 +472,7 @@ class Node:
             self.peer_id,
             self.settings.request_timeout,
             on_reject=lambda protocol, code: self.metrics.reject(protocol, code),
+            check=self.wire_guard.check,
         )
         server.register(STATUS_PROTOCOL, self._serve_status, CONTROL_LIMITS)
         server.register(PEER_TABLE_PROTOCOL, self._serve_peer_table, CONTROL_LIMITS)

@@ -20,13 +20,20 @@ import trio
 from hivenode.agent.errors import RpcError
 from hivenode.protocol.errors import ProtocolError
 from hivenode.protocol.limits import DEFAULT_LIMITS, Limits
-from hivenode.protocol.message import Message
-from hivenode.protocol.streams import read_message, read_message_or_end, write_message
+from hivenode.protocol.message import Header, Message
+from hivenode.protocol.streams import (
+    read_header_or_end,
+    read_message,
+    read_payload,
+    write_message,
+)
 
 log = logging.getLogger(__name__)
 
 OK = "ok"
 ERROR = "error"
+RATE_LIMITED = "rate_limited"
+"""The error code of a request over its peer's rate (see `agent.wire_guard`)."""
 OPEN_STREAM_TIMEOUT = 3.0
 """Seconds a StreamPool waits to open a stream to a peer before calling it unreachable."""
 SESSION_IDLE_S = 600.0
@@ -46,6 +53,10 @@ Handler = Callable[[Message, str], Awaitable[Reply | Mapping[str, Any]]]
 
 RejectHook = Callable[[str, str], None]
 """Called with (protocol id, reason) for every request answered with an error."""
+
+RequestCheck = Callable[[str, str], None]
+"""Called with (protocol id, caller's peer id) once a request's header is read, before its
+tensors are; raises RpcError to refuse it (`agent.wire_guard.WireGuard.check`)."""
 
 _request_ids = itertools.count(1)
 
@@ -87,11 +98,13 @@ class RpcServer:
         own_peer_id: str,
         request_timeout: float,
         on_reject: RejectHook | None = None,
+        check: RequestCheck | None = None,
     ) -> None:
         self._host = host
         self._own_peer_id = own_peer_id
         self._request_timeout = request_timeout
         self._on_reject = on_reject
+        self._check = check
 
     def register(
         self,
@@ -159,14 +172,24 @@ class RpcServer:
         request: Message | None = None
         deadline = trio.current_time() + timeout
         try:
+            refusal: Message | None = None
             with trio.fail_after(timeout if first else SESSION_IDLE_S):
-                request = await read_message_or_end(adapter, limits)
-            if request is None:
-                if first:  # a stream that ends before its one request is a bad request
-                    raise ProtocolError("stream ended after 0 of 4 bytes")
-                return False
+                header = await read_header_or_end(adapter, limits)
+                if header is None:
+                    if first:  # a stream that ends before its one request is a bad request
+                        raise ProtocolError("stream ended after 0 of 4 bytes")
+                    return False
+                refusal = self._refusal(protocol_id, caller, header)
+                if refusal is None:
+                    request = await read_payload(adapter, header)
             deadline = trio.current_time() + timeout
             with trio.fail_at(deadline):
+                if refusal is not None:
+                    await write_message(adapter, refusal)
+                    # tensors left unread on the stream would be taken for the next
+                    # request: the session ends with this answer
+                    return header.tensor_bytes == 0
+                assert request is not None
                 try:
                     reply = await self._dispatch(handler, request, caller)
                 except RpcError as exc:
@@ -190,6 +213,17 @@ class RpcServer:
                 )
             return False
 
+    def _refusal(self, protocol_id: str, caller: str, header: Header) -> Message | None:
+        """The error answering a request the check refuses from its header (its tensors,
+        up to the protocol's limit, are never read), else None."""
+        if self._check is None:
+            return None
+        try:
+            self._check(protocol_id, caller)
+        except RpcError as exc:
+            return self._reject(protocol_id, caller, header.to_message(()), exc.code, exc.message)
+        return None
+
     async def _dispatch(self, handler: Handler, request: Message, caller: str) -> Message:
         result = await handler(request, caller)
         reply = result if isinstance(result, Reply) else Reply(body=result)
@@ -204,7 +238,9 @@ class RpcServer:
     def _reject(
         self, protocol_id: str, caller: str, request: Message | None, code: str, message: str
     ) -> Message:
-        log.warning("rejected a %s request from %s: %s: %s", protocol_id, caller, code, message)
+        # a flood of refusals is logged once, by the check that refuses it
+        level = logging.DEBUG if code == RATE_LIMITED else logging.WARNING
+        log.log(level, "rejected a %s request from %s: %s: %s", protocol_id, caller, code, message)
         if self._on_reject is not None:
             self._on_reject(protocol_id, code)
         return error_reply(request, self._own_peer_id, code, message)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -87,6 +88,70 @@ class InferenceSettings(BaseModel):
     )
 
 
+class RequestRate(BaseModel):
+    """A token bucket: `per_s` requests a second on average, `burst` at once."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    per_s: float = Field(gt=0)
+    burst: int = Field(ge=1)
+
+
+class RateLimitSettings(BaseModel):
+    """Requests one peer may send on one protocol, by class of protocol (docs/protocol.md
+    lists which protocol is in which class). The defaults sit far above what jobs send, so
+    they only cut floods: an FL round is a message or two per trainer, a parallel job polls
+    twice a second, the inference benchmark's router sends a few hundred a second."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = True
+    control: RequestRate = Field(
+        default_factory=lambda: RequestRate(per_s=50.0, burst=200),
+        description="status, peer table, Q-table snapshot",
+    )
+    job: RequestRate = Field(
+        default_factory=lambda: RequestRate(per_s=100.0, burst=400),
+        description="FL messages, parallel job orders and polls, deploys",
+    )
+    data: RequestRate = Field(
+        default_factory=lambda: RequestRate(per_s=2000.0, burst=4000),
+        description="blob chunks, all-reduce, pipeline, inference, and any other protocol",
+    )
+    idle_s: float = Field(300.0, gt=0, description="a peer's bucket unused this long is forgotten")
+    max_buckets: int = Field(
+        65536, ge=1, description="buckets held at most; the least recently used go first"
+    )
+
+
+_PEER_ID = r"^[1-9A-HJ-NP-Za-km-z]{32,128}$"
+"""A base58 libp2p peer id (`12D3KooW...`); checked by shape, libp2p is slow to import."""
+
+
+class SecuritySettings(BaseModel):
+    """Who may make this node work, and how fast any peer may ask it things."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    accept_public_work: bool = Field(
+        True,
+        description="false: only job_submitters may send FL messages, parallel job orders "
+        "and model deploys; everyone else is answered not_allowed",
+    )
+    job_submitters: list[str] = Field(
+        default_factory=list, description="peer ids allowed to submit jobs to this node"
+    )
+    rate_limits: RateLimitSettings = Field(default_factory=RateLimitSettings)
+
+    @field_validator("job_submitters")
+    @classmethod
+    def _peer_ids(cls, value: list[str]) -> list[str]:
+        for peer in value:
+            if not re.fullmatch(_PEER_ID, peer):
+                raise ValueError(f"{peer!r} is not a peer id (base58, like 12D3KooW...)")
+        return value
+
+
 class Settings(BaseSettings):
     """Everything a node can be told. Field names are the TOML keys."""
 
@@ -120,6 +185,7 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     gossip: GossipSettings = Field(default_factory=GossipSettings)
     inference: InferenceSettings = Field(default_factory=InferenceSettings)
+    security: SecuritySettings = Field(default_factory=SecuritySettings)
     flower_apps: list[FlowerAppAllowance] = Field(
         default_factory=list, description="Flower apps whose ClientApp this node may run"
     )

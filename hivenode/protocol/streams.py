@@ -15,6 +15,7 @@ from hivenode.protocol.errors import ProtocolError
 from hivenode.protocol.limits import DEFAULT_LIMITS, Limits
 from hivenode.protocol.message import (
     HEADER_PREFIX_BYTES,
+    Header,
     Message,
     build_tensors,
     encode_message,
@@ -76,6 +77,14 @@ async def read_message_or_end(
     stream: ByteStream, limits: Limits = DEFAULT_LIMITS
 ) -> Message | None:
     """The next message, or None when the stream ends cleanly before it (a session's end)."""
+    header = await read_header_or_end(stream, limits)
+    return None if header is None else await read_payload(stream, header)
+
+
+async def read_header_or_end(stream: ByteStream, limits: Limits = DEFAULT_LIMITS) -> Header | None:
+    """The next message's header (its tensor bytes still on the stream), or None when the
+    stream ends cleanly before it. A server can refuse a request from its header alone,
+    without reading (or holding) the tensors it declares."""
     first = await stream.read(HEADER_PREFIX_BYTES)
     if not first:
         return None
@@ -83,7 +92,11 @@ async def read_message_or_end(
         raise ProtocolError(f"stream returned {len(first)} bytes when asked for 4")
     prefix = first + await read_exactly(stream, HEADER_PREFIX_BYTES - len(first))
     length = header_length(prefix, limits)
-    header = parse_header(await read_exactly(stream, length), limits)
+    return parse_header(await read_exactly(stream, length), limits)
+
+
+async def read_payload(stream: ByteStream, header: Header) -> Message:
+    """The rest of the message `header` began: its tensors, read into one buffer."""
     # np.empty, not bytearray: a bytearray zero-fills (commits) the declared size before a
     # byte arrives, so an 87-byte message declaring 1 GiB of tensors cost 1 GiB; untouched
     # pages of np.empty cost nothing, and pages fill only as the bytes really come
