@@ -13,7 +13,14 @@ from typing import Any
 
 import pytest
 
-from hivenode.agent.settings import GossipSettings, InferenceSettings, Settings, load_settings
+from hivenode.agent.settings import (
+    GossipSettings,
+    InferenceSettings,
+    RateLimitSettings,
+    SecuritySettings,
+    Settings,
+    load_settings,
+)
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 UNIT = DEPLOY / "hivenode.service"
@@ -143,10 +150,14 @@ def test_example_config_lists_every_key_with_its_default(tmp_path: Path) -> None
     values: dict[str, Any] = tomllib.loads(text)
     gossip = values.pop("gossip")
     inference = values.pop("inference")
-    tables = {"gossip", "inference"}
+    security = values.pop("security")
+    rate_limits = security.pop("rate_limits")
+    tables = {"gossip", "inference", "security"}
     assert set(values) == set(Settings.model_fields) - tables - UNSET_IN_EXAMPLE
     assert set(gossip) == set(GossipSettings.model_fields)
     assert set(inference) == set(InferenceSettings.model_fields)
+    assert set(security) == set(SecuritySettings.model_fields) - {"rate_limits"}
+    assert set(rate_limits) == set(RateLimitSettings.model_fields)
     for key in UNSET_IN_EXAMPLE:
         assert key in EXAMPLE_CONFIG.read_text()
 
