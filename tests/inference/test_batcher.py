@@ -4,6 +4,7 @@ full queue refuses at once."""
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -130,3 +131,28 @@ async def test_a_model_that_raises_fails_only_its_batch() -> None:
         good = await batcher.submit(np.ones((1, 1), np.float32), trio.current_time() + 5)
         assert good.outputs[0][0, 0] == 1
         nursery.cancel_scope.cancel()
+
+
+def sleeper(delay_s: float, threads: list[int]) -> Batcher:
+    """A batcher over a model that takes `delay_s` a batch and records the thread it ran on."""
+
+    def predict(batch: NDArray) -> tuple[NDArray, ...]:
+        threads.append(threading.get_ident())
+        time.sleep(delay_s)
+        return (batch.sum(axis=1),)
+
+    model = LoadedModel("sleep@1", "test", Signature((3,), np.dtype(np.float32)), predict)
+    return Batcher(model, trio.Semaphore(1), 8, 0.0, 64)
+
+
+@pytest.mark.parametrize("delay_s, on_loop", [(0.0, True), (0.005, False)])
+async def test_a_fast_model_computes_on_the_loop_and_a_slow_one_in_a_thread(
+    delay_s: float, on_loop: bool
+) -> None:
+    threads: list[int] = []
+    batcher = sleeper(delay_s, threads)  # INLINE_COMPUTE_S is 1 ms
+    for _ in range(3):  # one at a time: each its own batch
+        await submit_all(batcher, [np.ones((1, 3), np.float32)])
+    loop = threading.get_ident()
+    assert threads[0] != loop  # the first batch: nothing known of the model yet
+    assert all((ident == loop) is on_loop for ident in threads[1:])
