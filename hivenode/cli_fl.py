@@ -61,6 +61,23 @@ def sim_fl(
             " | topk:F:no-feedback (F: the share of each array's update sent)."
         ),
     ] = "none",
+    secagg: Annotated[
+        bool, typer.Option(help="Secure aggregation (SecAgg+): the aggregator sees only the sum.")
+    ] = False,
+    dp: Annotated[
+        str, typer.Option(help="Central DP with fixed clipping: none | server-fixed | client-fixed")
+    ] = "none",
+    dp_noise: Annotated[
+        str,
+        typer.Option(
+            help="DP noise multiplier(s), comma-separated: one job per value (e.g. 0.5,1,2)."
+        ),
+    ] = "1.0",
+    dp_clip: Annotated[float, typer.Option(min=0, help="DP clipping norm of an update.")] = 1.0,
+    dp_delta: Annotated[float, typer.Option(min=0, max=1, help="the δ ε is reported at")] = 1e-5,
+    baseline: Annotated[
+        bool, typer.Option(help="Also run each strategy without privacy, for comparison.")
+    ] = False,
     out: Annotated[Path | None, typer.Option(help="write metrics JSON/CSV and a plot here")] = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -88,6 +105,22 @@ def sim_fl(
         scheme = str(UpdateCompression.parse(compression))
     except CompressionError as exc:
         fail(str(exc), EXIT_USAGE)
+    try:
+        variants = _privacy_variants(secagg, dp, dp_noise, dp_clip, dp_delta)
+    except ValueError as exc:
+        fail(f"--dp-noise: {exc}", EXIT_USAGE)
+    if variants:
+        plain = runs if baseline else []
+        runs = plain + [run.with_privacy(v) for run in runs for v in variants]
+    from pydantic import ValidationError
+
+    from hivenode.sim.fl import job_for
+
+    for run in runs:  # a refused combination, e.g. secagg with krum, in one line, now
+        try:
+            job_for(FlSimConfig(nodes=nodes, clients_per_round=clients_per_round), run, [])
+        except ValidationError as exc:
+            fail(f"{run.label}: {exc.errors()[0]['msg']}", EXIT_USAGE)
     config = FlSimConfig(
         nodes=nodes,
         dataset=dataset,
@@ -127,6 +160,27 @@ def sim_fl(
     _print_summary(title, summary, written)
 
 
+def _privacy_variants(
+    secagg: bool, dp: str, noises: str, clip: float, delta: float
+) -> list[dict[str, Any]]:
+    """The [privacy] sections to run each strategy under: one per noise level with DP."""
+    if dp == "none":
+        return [{"secure_aggregation": True}] if secagg else []
+    levels = [float(text) for text in noises.split(",") if text.strip()]
+    if not levels:
+        raise ValueError("give at least one noise multiplier")
+    return [
+        {
+            "secure_aggregation": secagg,
+            "dp": dp,
+            "noise_multiplier": level,
+            "clipping_norm": clip,
+            "delta": delta,
+        }
+        for level in levels
+    ]
+
+
 def _progress(show: bool, labels: list[str], rounds: int) -> Any:
     from contextlib import contextmanager
 
@@ -162,7 +216,16 @@ def _print_summary(title: str, summary: dict[str, Any], written: list[Path]) -> 
     from rich.table import Table
 
     table = Table(title=title)
-    columns = ("strategy", "rounds", "final accuracy", "final loss", "overhead/round", "in/round")
+    columns = (
+        "strategy",
+        "rounds",
+        "final accuracy",
+        "final loss",
+        "ε (δ)",
+        "round",
+        "overhead/round",
+        "in/round",
+    )
     for column in (*columns, "wall"):
         table.add_column(column, justify="left" if column == "strategy" else "right")
     for label, row in summary.items():
@@ -172,6 +235,8 @@ def _print_summary(title: str, summary: dict[str, Any], written: list[Path]) -> 
             str(row["rounds"]),
             f"{accuracy:.4f}" if accuracy is not None else "-",
             f"{loss:.4f}" if loss is not None else "-",
+            _epsilon(row),
+            f"{row['round_s']:.2f} s" if row["round_s"] is not None else "-",
             f"{row['round_overhead_ms']:.1f} ms" if row["round_overhead_ms"] is not None else "-",
             f"{row['bytes_in_per_round'] / 1e3:.1f} kB" if row["bytes_in_per_round"] else "-",
             f"{row['wall_s']:.1f} s",
@@ -180,3 +245,8 @@ def _print_summary(title: str, summary: dict[str, Any], written: list[Path]) -> 
     out.print(table)
     for path in written:
         out.print(f"wrote {path}")
+
+
+def _epsilon(row: dict[str, Any]) -> str:
+    epsilon = row.get("epsilon")
+    return "-" if epsilon is None else f"{epsilon:.3g} ({row['delta']:g})"

@@ -210,9 +210,11 @@ def builtin_trainer(
     and the operator's allowed Flower apps (`agent.flower_apps.allowed_client_apps`)."""
     from hivenode.models.datasets import DatasetCatalog
     from hivenode.models.training.clientapp import build_client_app
+    from hivenode.privacy.client_mods import with_privacy_mods
 
     catalog = DatasetCatalog(state_dir)
-    app = build_client_app(catalog.load)
+    # Flower's SecAgg+ and DP clipping mods, each active only when a job's messages ask
+    app = with_privacy_mods(build_client_app(catalog.load))
     return Trainer(
         state_dir,
         peer_id,

@@ -86,6 +86,70 @@ class ParallelSection(_Strict):
     )
 
 
+class PrivacySection(_Strict):
+    """Secure aggregation and differential privacy (hivenode.privacy, docs/privacy.md)."""
+
+    secure_aggregation: bool = Field(
+        False, description="SecAgg+: the aggregator sees masked updates and their sum only"
+    )
+    secagg_num_shares: int | float = Field(
+        1.0,
+        gt=0,
+        description="SecAgg+: shares of each trainer's secrets (an int > 2), or a fraction"
+        " of the round's trainers (1.0: all of them)",
+    )
+    secagg_reconstruction_threshold: int | float = Field(
+        0.67,
+        gt=0,
+        description="SecAgg+: shares that rebuild a secret (an int < num_shares), or a"
+        " fraction of num_shares; fewer survivors than this fail the round",
+    )
+    secagg_clipping_range: float = Field(
+        8.0, gt=0, description="SecAgg+: weights are clipped to ±this before quantization"
+    )
+    secagg_quantization_range: int = Field(
+        2**22, ge=2, description="SecAgg+: integer levels a weight is quantized to"
+    )
+    dp: Literal["none", "server-fixed", "client-fixed"] = Field(
+        "none",
+        description="central DP with fixed clipping (Flower's wrappers): the aggregator"
+        " (server-fixed) or each trainer (client-fixed) clips the update to clipping_norm,"
+        " the aggregator adds Gaussian noise to the mean",
+    )
+    noise_multiplier: float = Field(1.0, ge=0, description="DP: noise std ÷ clipping_norm")
+    clipping_norm: float = Field(1.0, gt=0, description="DP: bound on ‖w_i − w_global‖")
+    delta: float = Field(1e-5, gt=0, lt=1, description="DP: the δ that ε is reported for")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PrivacySection:
+        shares, threshold = self.secagg_num_shares, self.secagg_reconstruction_threshold
+        if isinstance(shares, int) and not isinstance(shares, bool) and shares <= 2:
+            raise ValueError("privacy.secagg_num_shares: an int must be > 2 (or a fraction)")
+        if isinstance(shares, float) and shares > 1:
+            raise ValueError("privacy.secagg_num_shares: a fraction must be ≤ 1")
+        if isinstance(threshold, float) and threshold > 1:
+            raise ValueError("privacy.secagg_reconstruction_threshold: a fraction must be ≤ 1")
+        if isinstance(threshold, int) and isinstance(shares, int) and threshold >= shares:
+            raise ValueError(
+                "privacy.secagg_reconstruction_threshold must be less than secagg_num_shares"
+            )
+        if self.secure_aggregation and self.dp == "server-fixed":
+            raise ValueError(
+                "privacy: secure aggregation hides the updates the server would clip;"
+                ' use dp = "client-fixed"'
+            )
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.secure_aggregation or self.dp != "none"
+
+
+MEAN_STRATEGIES = ("fedavg", "fedprox")
+"""The strategies whose update is a weighted mean of the trainers' arrays: the only ones
+secure aggregation (it yields a sum) and DP noise calibrated to a mean apply to."""
+
+
 class JobSpec(_Strict):
     name: str = Field(pattern=JOB_NAME_PATTERN)
     dataset: str = Field("", description="the dataset name trainers registered (hivenode data add)")
@@ -132,6 +196,7 @@ class JobSpec(_Strict):
     strategy: StrategySection = Field(default_factory=StrategySection)
     train: TrainSection = Field(default_factory=TrainSection)
     parallel: ParallelSection | None = None
+    privacy: PrivacySection = Field(default_factory=PrivacySection)
 
     @field_validator("compression")
     @classmethod
@@ -153,7 +218,30 @@ class JobSpec(_Strict):
         if self.flower_app is not None and self.compression != "none":
             # a Flower app's own strategy writes the train config that would carry the scheme
             raise ValueError("compression: applies to jobs of the built-in app only")
+        self._privacy_consistent()
         return self
+
+    def _privacy_consistent(self) -> None:
+        privacy = self.privacy
+        if not privacy.enabled:
+            return
+        if self.flower_app is not None or self.parallel is not None:
+            raise ValueError("privacy: applies to federated jobs of the built-in app only")
+        what = "secure aggregation" if privacy.secure_aggregation else f"dp = {privacy.dp!r}"
+        if self.strategy.name not in MEAN_STRATEGIES:
+            raise ValueError(
+                f"privacy: {what} needs a mean of the updates (fedavg, fedprox);"
+                f" {self.strategy.name} needs each update"
+            )
+        if privacy.secure_aggregation and self.compression != "none":
+            raise ValueError(
+                "privacy: secure aggregation masks exact weights; compression must be none"
+            )
+        if privacy.dp == "client-fixed" and self.compression != "none":
+            # a lossy code of a clipped update may exceed the clipping norm again
+            raise ValueError('privacy: dp = "client-fixed" needs compression = "none"')
+        if privacy.secure_aggregation and self.clients_per_round < 3:
+            raise ValueError("privacy: secure aggregation needs clients_per_round ≥ 3")
 
     def train_config(self) -> ConfigValues:
         """What every trainer gets in the train messages' ConfigRecord."""

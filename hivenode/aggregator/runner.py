@@ -14,7 +14,7 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +29,12 @@ from hivenode.agent.node import Node
 from hivenode.aggregator.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from hivenode.aggregator.grid import GridError, JobAddress, RoundTraffic, SwarmGrid
 from hivenode.aggregator.job_spec import JobSpec
-from hivenode.aggregator.strategy_factory import build_strategy
+from hivenode.aggregator.strategy_factory import JobStrategy, build_job_strategy
 from hivenode.aggregator.trainer_fit import split_by_fit
 from hivenode.fsutil import atomic_write
 from hivenode.models.flower_arrays import arrayrecord_to_numpy, numpy_to_array
 from hivenode.models.training.backend import backend_for
+from hivenode.privacy.accountant import PrivacySpent
 from hivenode.protocol.advert import DatasetInfo, Hardware, Role
 from hivenode.protocol.ids import BUILTIN_APP
 from hivenode.strategies.scaffold import Scaffold
@@ -70,6 +71,8 @@ class RoundRecord:
     """Partition ids of the trainers sampled for training, as the strategy chose them."""
     rejected: int = 0
     """Train replies the update screen rejected (neither participants nor failures)."""
+    epsilon: float | None = None
+    """A DP job's privacy spent so far, ε at the job's δ (`JobResult.privacy` says how)."""
 
     def as_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -89,6 +92,8 @@ class JobResult:
     wall_s: float
     resumed_from: int = 0
     params: int = 0
+    privacy: PrivacySpent | None = None
+    """A DP job's privacy spent over all its rounds; None without DP."""
 
     @property
     def final(self) -> RoundRecord | None:
@@ -218,8 +223,9 @@ async def run_job(
     recorder = _Recorder(
         history=[RoundRecord.from_json(r) for r in (checkpoint.history if checkpoint else [])]
     )
+    privacy: PrivacySpent | None = None
     if done < job.rounds:
-        arrays = await _run_rounds(
+        arrays, privacy = await _run_rounds(
             node, job, job_dir, trainers, arrays, checkpoint, recorder, on_round, replicate
         )
     model_path = job_dir / "model.safetensors"
@@ -233,6 +239,7 @@ async def run_job(
         wall_s=time.monotonic() - started,
         resumed_from=done,
         params=sum(int(a.size) for a in arrays.values()),
+        privacy=privacy,
     )
 
 
@@ -246,16 +253,21 @@ async def _run_rounds(
     recorder: _Recorder,
     on_round: RoundCallback | None,
     replicate: Replicate | None = None,
-) -> dict[str, NDArray]:
+) -> tuple[dict[str, NDArray], PrivacySpent | None]:
     done = checkpoint.round if checkpoint else 0
     control = checkpoint.control if checkpoint else None
-    strategy = build_strategy(
+    built = build_job_strategy(
         job,
         len(trainers),
         recorder.on_train,
         recorder.on_evaluate,
         initial_control=_record_of(control) if control is not None else None,
+        max_weight=_max_examples(node, job, trainers),
     )
+    strategy = built.strategy
+    if built.accountant is not None:
+        # a resumed job's finished rounds were released: each counts (an upper bound)
+        built.accountant.compose(done)
     token = trio.lowlevel.current_trio_token()
     # checkpoints are written while the next round runs; a round is reported once it is on
     # disk, so what a job says it has done is what it would resume from
@@ -275,7 +287,10 @@ async def _run_rounds(
             seed=job.seed,
             min_available=job.min_clients,
             short_wait_s=job.deadline_s,
-            screen_factor=job.update_norm_factor if job.screen_updates else None,
+            # secure aggregation hides the individual updates the screen would judge
+            screen_factor=(
+                job.update_norm_factor if job.screen_updates and built.secagg is None else None
+            ),
         )
         round_started = [time.monotonic()]
 
@@ -286,7 +301,9 @@ async def _run_rounds(
             train = grid.traffic.get((number, MessageType.TRAIN), RoundTraffic())
             evaluate = grid.traffic.get((number, MessageType.EVALUATE), RoundTraffic())
             elapsed = time.monotonic() - round_started[0]
-            record = _round_record(number, recorder, train, evaluate, elapsed)
+            record = _private_record(
+                _round_record(number, recorder, train, evaluate, elapsed), built
+            )
             recorder.history.append(record)
             recorder.train = recorder.evaluate = None
             scaffold_control = strategy.control if isinstance(strategy, Scaffold) else None
@@ -327,9 +344,32 @@ async def _run_rounds(
             to_writer.close()  # the writer finishes what is queued, then the nursery closes
     if stopped is not None:
         raise JobError(f"job {job.name} stopped: {stopped}") from stopped
+    privacy = built.accountant.spent() if built.accountant is not None else None
     if not len(final):
-        return arrays
-    return {k: np.asarray(v) for k, v in arrayrecord_to_numpy(final).items()}
+        return arrays, privacy
+    return {k: np.asarray(v) for k, v in arrayrecord_to_numpy(final).items()}, privacy
+
+
+def _private_record(record: RoundRecord, built: JobStrategy) -> RoundRecord:
+    """The round's record as privacy changes it: ε so far; under SecAgg+, the trainers
+    whose update is in the sum (its four stages are all train messages to the Grid)."""
+    if built.accountant is not None:
+        record = replace(record, epsilon=built.accountant.spent().epsilon)
+    if built.secagg is not None and built.secagg.history:
+        last = built.secagg.history[-1]
+        record = replace(
+            record,
+            participants=last.survivors,
+            failures=len(last.sampled) - last.survivors,
+            selected=tuple(sorted(set(record.selected))),
+        )
+    return record
+
+
+def _max_examples(node: Node, job: JobSpec, trainers: Sequence[str]) -> float:
+    """The most examples a trainer advertises for the job's dataset (SecAgg+'s weight bound)."""
+    sizes = [info.samples for p in trainers if (info := _dataset_of(node, p, job.dataset))]
+    return float(max(sizes, default=0) or 10_000)
 
 
 async def _write_checkpoints(

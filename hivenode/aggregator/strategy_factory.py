@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TypedDict
 
 from flwr.app import ArrayRecord, MetricRecord, RecordDict
@@ -12,9 +13,13 @@ from flwr.serverapp.strategy import (
     FedTrimmedAvg,
     Krum,
     MultiKrum,
+    Strategy,
 )
 
 from hivenode.aggregator.job_spec import JobSpec
+from hivenode.privacy.accountant import GaussianAccountant
+from hivenode.privacy.dp_strategy import UNIFORM_WEIGHT_KEY, ClientSideDP, ServerSideDP
+from hivenode.privacy.secagg_strategy import SecAggPlus
 from hivenode.strategies.fast import FastFedAvg, FastFedProx
 from hivenode.strategies.scaffold import Scaffold
 
@@ -29,6 +34,57 @@ class _Common(TypedDict):
     min_available_nodes: int
     train_metrics_aggr_fn: MetricsAggregator
     evaluate_metrics_aggr_fn: MetricsAggregator
+
+
+@dataclass(frozen=True)
+class JobStrategy:
+    """The strategy `Strategy.start` runs, and the privacy layers the job reports from."""
+
+    strategy: Strategy
+    accountant: GaussianAccountant | None = None
+    secagg: SecAggPlus | None = None
+
+
+def build_job_strategy(
+    job: JobSpec,
+    trainers: int,
+    train_metrics: MetricsAggregator,
+    evaluate_metrics: MetricsAggregator,
+    initial_control: ArrayRecord | None = None,
+    max_weight: float = 1000.0,
+) -> JobStrategy:
+    """`build_strategy`'s strategy inside the job's privacy layers: SecAgg+ sums the updates,
+    Flower's DP wrapper (outermost) clips and noises that mean. `max_weight` bounds a
+    trainer's number of examples (SecAgg+ quantizes weights relative to it)."""
+    privacy = job.privacy
+    inner = build_strategy(job, trainers, train_metrics, evaluate_metrics, initial_control)
+    if not privacy.enabled:
+        return JobStrategy(inner)
+    dp = privacy.dp != "none"
+    if dp:
+        inner.weighted_by_key = UNIFORM_WEIGHT_KEY
+    strategy: Strategy = inner
+    secagg = None
+    if privacy.secure_aggregation:
+        secagg = SecAggPlus(
+            inner,
+            num_shares=privacy.secagg_num_shares,
+            reconstruction_threshold=privacy.secagg_reconstruction_threshold,
+            max_weight=max_weight,
+            clipping_range=privacy.secagg_clipping_range,
+            quantization_range=privacy.secagg_quantization_range,
+            timeout=job.deadline_s,
+            uniform_weights=dp,
+        )
+        strategy = secagg
+    if not dp:
+        return JobStrategy(strategy, secagg=secagg)
+    accountant = GaussianAccountant(
+        privacy.noise_multiplier, privacy.clipping_norm, privacy.delta, privacy.dp
+    )
+    sampled = min(job.clients_per_round, trainers)
+    wrapper = ServerSideDP if privacy.dp == "server-fixed" else ClientSideDP
+    return JobStrategy(wrapper(strategy, accountant, sampled), accountant, secagg)
 
 
 def build_strategy(

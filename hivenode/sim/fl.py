@@ -16,7 +16,7 @@ import re
 import statistics
 import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,8 @@ class StrategyRun:
     name: str
     mu: float
     drop_stragglers: bool
+    privacy: tuple[tuple[str, Any], ...] = ()
+    """The jobs' [privacy] section (`JobSpec.privacy`) as items; empty: none."""
 
     @classmethod
     def parse(cls, text: str, default_mu: float, policy: str | None) -> StrategyRun:
@@ -59,6 +61,16 @@ class StrategyRun:
         drop = policy == "drop" if policy else name == "fedavg"
         label = f"fedprox μ={mu:g}" if name == "fedprox" else name
         return cls(label, name, mu, drop)
+
+    def with_privacy(self, privacy: dict[str, Any]) -> StrategyRun:
+        """This run under `privacy` (a [privacy] section), labelled with what it adds."""
+        tags = []
+        if privacy.get("secure_aggregation"):
+            tags.append("secagg")
+        if privacy.get("dp", "none") != "none":
+            tags.append(f"dp z={privacy.get('noise_multiplier', 1.0):g}")
+        label = f"{self.label} {'+'.join(tags)}" if tags else self.label
+        return replace(self, label=label, privacy=tuple(sorted(privacy.items())))
 
 
 @dataclass
@@ -98,7 +110,13 @@ class StrategyOutcome:
         history = self.result.history
         final = history[-1] if history else None
         overheads = [max(0.0, r.duration_s - r.compute_s) * 1000 for r in history]
+        privacy = self.result.privacy
         return {
+            "epsilon": privacy.epsilon if privacy else None,
+            "delta": privacy.delta if privacy else None,
+            "round_s": round(statistics.median(r.duration_s for r in history), 3)
+            if history
+            else None,
             # tensor bytes on the wire, as sent: compressed updates count compressed
             "bytes_in_per_round": _median([r.bytes_in for r in history]),
             "bytes_out_per_round": _median([r.bytes_out for r in history]),
@@ -132,7 +150,10 @@ def _loss(record: RoundRecord) -> float | None:
 def _job_name(config: FlSimConfig, run: StrategyRun) -> str:
     # the scheme is in the name: trainers keep top-k's residual per job, never across schemes
     scheme = "" if config.compression == "none" else f"-{config.compression}"
-    return re.sub(r"[^A-Za-z0-9_-]", "_", f"sim-{run.name}-{run.mu:g}-{config.seed}{scheme}")
+    # and the privacy: a SecAgg+ trainer keeps its protocol state per job
+    private = "".join(f"-{value}" for _, value in run.privacy)
+    name = f"sim-{run.name}-{run.mu:g}-{config.seed}{scheme}{private}"
+    return re.sub(r"[^A-Za-z0-9_-]", "_", name)[-64:]
 
 
 def job_for(config: FlSimConfig, run: StrategyRun, trainers: Sequence[str]) -> JobSpec:
@@ -158,6 +179,7 @@ def job_for(config: FlSimConfig, run: StrategyRun, trainers: Sequence[str]) -> J
                 "malicious": round(config.nodes * config.attackers),
             },
             "screen_updates": config.screen_updates,
+            "privacy": dict(run.privacy),
             "compression": config.compression,
             "train": {
                 "lr": config.lr,

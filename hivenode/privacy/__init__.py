@@ -1,0 +1,1 @@
+"""Privacy for federated jobs: differential privacy accounting and secure aggregation."""
