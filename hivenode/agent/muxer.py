@@ -104,6 +104,13 @@ class NoiseSizedYamuxStream(YamuxStream):  # type: ignore[misc]  # libp2p is unt
     """A standard yamux stream whose frames each fit one Noise message."""
 
     _write_frames = _with_globals(YamuxStream.write, MAX_MESSAGE_SIZE=NOISE_SIZED_MAX_FRAME_BYTES)
+    # go-yamux's rule: read credit goes back once half the window is read. py-libp2p's
+    # default (PY_YAMUX_RELEASE_ON_READ) sends a WINDOW_UPDATE after every read instead, so
+    # each small request and reply cost its reader one more frame: a Noise message and a
+    # send() (a tenth of an inference worker's CPU per request)
+    _auto_tune_and_send_window_update = _with_globals(
+        YamuxStream._auto_tune_and_send_window_update, _yamux_release_on_read=lambda: False
+    )
 
     async def write(self, data: bytes) -> None:
         # upstream cuts each frame's payload out of `data`, then prepends the header: cut
