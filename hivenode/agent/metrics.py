@@ -42,6 +42,12 @@ class Metrics:
             ["protocol"],
             registry=self.registry,
         )
+        self.updates_rejected = Counter(
+            "hivenode_updates_rejected",
+            "Train replies this node's update screen rejected as an aggregator, by trainer",
+            ["peer"],
+            registry=self.registry,
+        )
         self.blob_bytes_served = Counter(
             "hivenode_blob_bytes_served", "Model blob bytes sent to peers", registry=self.registry
         )

@@ -222,6 +222,7 @@ class SwarmGrid(Grid):
             peer = self._peers.get(request.metadata.dst_node_id, str(request.metadata.dst_node_id))
             traffic.replied -= 1
             traffic.rejected[peer] = reason
+            self._node.metrics.updates_rejected.labels(peer=peer).inc()  # across jobs
             log.warning(
                 "job %s round %d: rejected %s: %s", self._address.job_id, self.round, peer, reason
             )

@@ -52,7 +52,12 @@ async def test_a_hostile_update_is_rejected_and_the_job_goes_on(
 ) -> None:
     async with fl_swarm(tmp_path, digits, wrap=last_trainer_attacks(attack)) as swarm:
         result = await run_job(swarm.aggregator, job("screened", swarm.trainer_ids), tmp_path / "j")
+        metrics = swarm.aggregator.metrics
+        counted = {
+            p: metrics.value("hivenode_updates_rejected_total", peer=p) for p in swarm.trainer_ids
+        }
     assert [(r.participants, r.rejected, r.failures) for r in result.history] == [(3, 1, 0)] * 2
+    assert sorted(counted.values()) == [0, 0, 0, 2]  # one peer, both rounds, in Prometheus
     model = load_file(str(result.model_path))
     assert all(math.isfinite(float(abs(v).max())) for v in model.values())
     assert result.history[-1].eval_accuracy is not None
