@@ -21,6 +21,7 @@ from hivenode.agent.node_views import peers_view, status_view
 from hivenode.agent.qtable_gossip import QTableGossip
 from hivenode.agent.settings import Settings
 from hivenode.agent.systemd import SystemdNotifier
+from hivenode.fsutil import sweep_stale_temp_files
 from hivenode.protocol.advert import Role
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,8 @@ async def run_daemon(settings: Settings, services: Sequence[DaemonService] = ())
     """Run until SIGTERM/SIGINT, then leave cleanly within `settings.shutdown_timeout`."""
     state_dir = paths.state_dir(settings.state_dir)
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if swept := sweep_stale_temp_files(state_dir):
+        log.info("removed %d temp file(s) of writes a kill interrupted", len(swept))
     key_pair = load_or_create_identity(state_dir)
     metrics = Metrics()
     from hivenode.agent.model_fetch import blob_resolver
