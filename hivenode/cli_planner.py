@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 import typer
 
 from hivenode.cli_common import (
+    EXIT_FAILURE,
     EXIT_USAGE,
     ConfigOpt,
     JsonOpt,
@@ -129,29 +130,54 @@ def show_command(state_dir: StateDirOpt = None, as_json: JsonOpt = False) -> Non
 
 
 @qtable_app.command("import")
-def import_command(file: Path, state_dir: StateDirOpt = None, as_json: JsonOpt = False) -> None:
+def import_command(
+    file: Path,
+    state_dir: StateDirOpt = None,
+    config: ConfigOpt = None,
+    runtime_dir: RuntimeDirOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
     """Merge FILE into this node's table: a JSON export, or an old q_table.pkl (a 4×3×4×3×5
-    numpy array, read without unpickling; any other pickle is refused)."""
-    from hivenode.planner.qtable import QTable, read_legacy_pickle
-    from hivenode.planner.state import PlannerError
+    numpy array, read without unpickling; any other pickle is refused). A running daemon
+    merges it into its live table and gossips it; without one (or with --state-dir) the
+    table file is changed."""
+    import base64
+
+    from hivenode.agent.control_client import ControlError, DaemonNotRunning, call
+    from hivenode.agent.paths import client_socket_path
 
     try:
         data = file.read_bytes()
     except OSError as exc:
         _usage(f"cannot read {file}: {exc.strerror or exc}")
+    reply: dict[str, Any] | None = None
+    if state_dir is None:
+        body = {"data": base64.b64encode(data).decode()}
+        socket = client_socket_path(config, runtime_dir)
+        try:
+            reply = call(socket, "POST", "/v1/qtable/import", body=body)
+        except DaemonNotRunning:
+            reply = None
+        except ControlError as exc:  # the daemon refusing the file is a usage error
+            fail(str(exc), EXIT_USAGE if exc.status == 400 else EXIT_FAILURE)
+    if reply is None:
+        reply = _import_offline(data, file, state_dir)
+    if as_json:
+        emit_json(reply)
+    else:
+        typer.echo(f"imported {reply['imported_cells']} cells from {file} into {reply['path']}")
+
+
+def _import_offline(data: bytes, file: Path, state_dir: Path | None) -> dict[str, Any]:
+    from hivenode.agent.qtable_gossip import import_into
+    from hivenode.planner.state import PlannerError
+
     table = _load_table(state_dir)
     try:
-        if data.lstrip().startswith(b"{"):
-            changed = table.swarm.absorb(QTable.from_json(json.loads(data)).swarm)
-        else:
-            changed = table.import_values(read_legacy_pickle(data))
+        changed = import_into(table, data)
     except (PlannerError, ValueError) as exc:
         _usage(f"{file}: {exc}")
-    path = _save(table, state_dir)
-    if as_json:
-        emit_json({"imported_cells": changed, "path": str(path)})
-    else:
-        typer.echo(f"imported {changed} cells from {file} into {path}")
+    return {"imported_cells": changed, "path": str(_save(table, state_dir))}
 
 
 @qtable_app.command("export")

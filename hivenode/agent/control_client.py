@@ -17,6 +17,10 @@ class ControlError(Exception):
         self.status = status
 
 
+class DaemonNotRunning(ControlError):
+    """No daemon listens on the control socket (none there, or a stale one)."""
+
+
 class _UnixConnection(http.client.HTTPConnection):
     def __init__(self, path: Path, timeout: float) -> None:
         super().__init__("localhost", timeout=timeout)
@@ -38,7 +42,7 @@ def call(socket_path: Path, method: str, path: str, timeout: float = 15.0, body:
         response = conn.getresponse()
         data = response.read()
     except (FileNotFoundError, ConnectionRefusedError) as exc:
-        raise ControlError(
+        raise DaemonNotRunning(
             f"the hivenode daemon is not running (no control socket at {socket_path}); "
             "start it with `hivenode run`"
         ) from exc

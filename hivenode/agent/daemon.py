@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
+import json
 import logging
 import signal
 from collections.abc import Sequence
@@ -22,6 +25,8 @@ from hivenode.agent.qtable_gossip import QTableGossip
 from hivenode.agent.settings import Settings
 from hivenode.agent.systemd import SystemdNotifier
 from hivenode.fsutil import sweep_stale_temp_files
+from hivenode.planner.qtable import QTABLE_FILE
+from hivenode.planner.state import PlannerError
 from hivenode.protocol.advert import Role
 
 log = logging.getLogger(__name__)
@@ -63,7 +68,28 @@ def build_control_api(node: Node, state_dir: Path) -> ControlApi:
         return await fetch_model(node, state_dir, request)
 
     api.route("POST", "/v1/models/fetch", models_fetch, mutating=True)
+
+    async def qtable_import(request: Request, params: dict[str, str]) -> Any:
+        return await import_qtable(node, request)
+
+    api.route("POST", "/v1/qtable/import", qtable_import, mutating=True)
     return api
+
+
+async def import_qtable(node: Node, request: Request) -> dict[str, Any]:
+    """Merge a table file's bytes (base64 in `data`) into the live table: written straight to
+    qtable.json, it would be overwritten by the daemon's next save."""
+    if node.qtable is None:
+        raise ApiError(409, "this daemon keeps no Q-table")
+    try:
+        encoded = json.loads(request.body or b"{}")["data"]
+        data = base64.b64decode(encoded, validate=True)
+        changed = node.qtable.import_data(data)  # on the loop: the table lives here; ≤ 1 MiB
+    except (KeyError, TypeError) as exc:
+        raise ApiError(400, 'expected JSON {"data": "<the file, base64>"}') from exc
+    except (binascii.Error, PlannerError, ValueError) as exc:  # JSON and base64 errors too
+        raise ApiError(400, str(exc)) from exc
+    return {"imported_cells": changed, "path": str(node.qtable.state_dir / QTABLE_FILE)}
 
 
 class DaemonService(Protocol):

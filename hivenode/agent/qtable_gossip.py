@@ -11,6 +11,7 @@ every ten minutes, and republishes all its own cells every `REPUBLISH_PERIOD`.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Mapping
@@ -23,7 +24,7 @@ from hivenode.agent.errors import RpcError
 from hivenode.agent.gossip import GossipMessage, verify_signed
 from hivenode.agent.rpc import request
 from hivenode.planner.crdt import QDelta
-from hivenode.planner.qtable import QTable
+from hivenode.planner.qtable import QTable, read_legacy_pickle
 from hivenode.planner.state import Action, State
 from hivenode.protocol.errors import ProtocolError
 from hivenode.protocol.ids import QTABLE_PROTOCOL, QTABLE_TOPIC
@@ -103,6 +104,16 @@ class QTableGossip:
         self._publish_now.set()
         self._dirty.set()
 
+    def import_data(self, data: bytes) -> int:
+        """Merge a file the operator chose (`hivenode qtable import`: a JSON export, or an old
+        q_table.pkl read without unpickling) into the live table, gossip it and save it; the
+        number of cells changed. PlannerError or ValueError when the file is refused."""
+        changed = import_into(self.table, data)
+        if changed:
+            self._publish_now.set()
+            self._dirty.set()
+        return changed
+
     async def publish(self, swarm: SwarmHost, everything: bool = False) -> int:
         deltas = self.table.swarm.deltas(
             since=-1 if everything else self._published, now=time.time()
@@ -134,3 +145,10 @@ class QTableGossip:
             self._dirty = trio.Event()
             await trio.to_thread.run_sync(self.table.save, self.state_dir)
             await trio.sleep(SAVE_DELAY)
+
+
+def import_into(table: QTable, data: bytes) -> int:
+    """Merge `data` (a JSON export or an old q_table.pkl) into `table`; the cells changed."""
+    if data.lstrip().startswith(b"{"):
+        return table.swarm.absorb(QTable.from_json(json.loads(data)).swarm)
+    return table.import_values(read_legacy_pickle(data))

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import os
+import pickle
 import re
 import signal
 import subprocess
 import time
 import urllib.request
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pytest
 
 if TYPE_CHECKING:
@@ -253,3 +257,31 @@ def test_a_joiner_keeps_a_dead_peers_advert_no_longer_than_its_source(daemons: D
         f"the joiner expires the dead peer in {relayed['expires_in_s']} s, "
         f"A (its source) in {source['expires_in_s']} s"
     )
+
+
+def test_a_qtable_imported_into_a_running_daemon_is_kept_and_gossiped(
+    daemons: Daemons, tmp_path: Path
+) -> None:
+    a = daemons.start("a", short_adverts=True)
+    b = daemons.start("b", bootstrap=a, short_adverts=True)
+    values = np.zeros((4, 3, 4, 3, 5))
+    values[1, 2, 1, 0, 2] = 0.8
+    legacy = tmp_path / "q_table.pkl"
+    legacy.write_bytes(pickle.dumps(values))
+    imported = a.cli("qtable", "import", str(legacy), "--json")
+    assert imported.returncode == 0, imported.stderr
+    assert json.loads(imported.stdout)["imported_cells"] == 1  # into the live table
+
+    def cell_of(daemon: Daemon) -> float | None:
+        shown = daemon.cli_offline("qtable", "show", "--state-dir", str(daemon.state_dir), "--json")
+        states = json.loads(shown.stdout)["states"] if shown.returncode == 0 else []
+        return next(
+            (s["q"]["pipeline_parallel"] for s in states if s["state"] == [1, 2, 1, 0]), None
+        )
+
+    # saved by the daemon itself (a file written behind its back was lost at its next save),
+    # and gossiped: B learns the cell too
+    assert wait_for(lambda: cell_of(a), 10, "A to save the imported cell") == 0.8
+    assert wait_for(lambda: cell_of(b), 20, "B to receive the imported cell") == 0.8
+    refused = a.cli("qtable", "import", str(tmp_path / "missing.pkl"))
+    assert refused.returncode == 2 and "cannot read" in refused.stderr
