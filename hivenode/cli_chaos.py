@@ -18,6 +18,7 @@ SCENARIOS = (
     "partition-heal",
     "byzantine",
     "kill-aggregator",
+    "kill-aggregator-daemon",
     "restart-all",
 )
 ATTACKS = "sign-flip | scale | nan | inf | random | mixed"
@@ -28,6 +29,7 @@ SHOWN_DETAILS = (
     "median_round_s",
     "round_at_standby_at_kill",
     "resumed_from_round",
+    "standby_recovery_s",
     "replication",
     "attackers",
     "messages_lost",

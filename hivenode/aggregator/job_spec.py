@@ -186,6 +186,12 @@ class JobSpec(_Strict):
     trainers: list[str] = Field(
         default_factory=list, description="peer ids; empty: every trainer with the dataset"
     )
+    standby: list[str] | Literal["auto"] = Field(
+        default_factory=list,
+        description="peer ids of aggregators that hold every round's checkpoint and resume"
+        ' the job if this one dies; "auto": one chosen among the connected aggregators'
+        " (hivenode.aggregator.failover)",
+    )
     plan: dict[str, Any] = Field(
         default_factory=dict, description="read by `hivenode plan`; the job runner ignores it"
     )

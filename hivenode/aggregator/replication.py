@@ -9,7 +9,10 @@ aggregator; after `LIVENESS_MISSES` missed pings `LIVENESS_PERIOD` apart it runs
 from the replicated checkpoint with `run_job`, as a restarted aggregator would. Trainers
 need no change: they answer whoever sends the job's messages, keyed by the job's name.
 
-A round counts as safe once the standby holds it: `CheckpointPusher.replicated`.
+A round counts as safe once the standby holds it: `CheckpointPusher.replicated`. Once a
+standby has taken a job over it refuses that job's pushes (`HANDED_OVER`) and tells an
+aggregator that asks (`replica-status`) that the job is no longer its own: a restarted
+aggregator must not run it a second time (`hivenode.aggregator.failover`).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,6 +54,8 @@ LIVENESS_PERIOD = 1.0
 """Seconds between a standby's pings of the aggregator it backs up."""
 LIVENESS_MISSES = 3
 """Missed pings in a row after which the aggregator counts as gone."""
+HANDED_OVER = "handed_over"
+"""The RpcError code of a push for a job its standby has taken over."""
 
 
 @dataclass(frozen=True)
@@ -60,6 +65,11 @@ class Replica:
     job: JobSpec
     aggregator: str
     round: int
+
+
+AcceptReplica = Callable[[str, JobSpec], bool]
+"""Whether a standby holds `job`'s checkpoints for the peer (the caller) that pushes them."""
+OnReplica = Callable[[Replica], None]
 
 
 def encode_replica(job: JobSpec, checkpoint: Checkpoint) -> tuple[dict[str, Any], list[NDArray]]:
@@ -112,34 +122,79 @@ def decode_replica(
 
 
 class Standby:
-    """Keeps the checkpoints that `aggregators` (peer ids) push, each job under
-    `jobs_dir/<job>/`; `take_over` resumes them once their aggregator is gone."""
+    """Keeps the checkpoints that `aggregators` push, each job under `jobs_dir/<job>/`;
+    `take_over` resumes them once their aggregator is gone. `aggregators`: peer ids, or a
+    function that judges each push by its caller and job (a daemon backs up whoever names
+    it). `on_replica` sees every replica held, in the trio thread."""
 
-    def __init__(self, jobs_dir: Path, aggregators: Collection[str]) -> None:
+    def __init__(
+        self,
+        jobs_dir: Path,
+        aggregators: Collection[str] | AcceptReplica,
+        on_replica: OnReplica | None = None,
+    ) -> None:
         self.jobs_dir = jobs_dir
-        self._aggregators = frozenset(aggregators)
+        if callable(aggregators):
+            self._accepts = aggregators
+        else:
+            backed = frozenset(aggregators)
+            self._accepts = lambda caller, job: caller in backed
+        self._on_replica = on_replica
         self.replicas: dict[str, Replica] = {}
         """Job name → what this standby holds of it."""
+        self.handed_over: dict[str, Replica] = {}
+        """Job name → the replica this node resumed the job from: its pushes are refused."""
 
     def register(self, node: Node) -> None:
         """Serve `REPLICA_PROTOCOL` on `node`; call before the node runs."""
         node.add_handler(REPLICA_PROTOCOL, self.handle, DEFAULT_LIMITS, PUSH_TIMEOUT)
 
+    def hand_over(self, name: str) -> Replica | None:
+        """This node now runs job `name`: hold no more of its pushes. The replica, if held."""
+        replica = self.replicas.pop(name, None)
+        if replica is not None:
+            self.handed_over[name] = replica
+        return replica
+
     async def handle(self, message: WireMessage, caller: str) -> Mapping[str, Any]:
-        if caller not in self._aggregators:
-            raise RpcError("forbidden", f"{caller} is not an aggregator this node backs up")
+        if message.type == "replica-status":
+            return self._status(message.body, caller)
         if message.type != "replica":
             raise RpcError("bad_request", f"expected a replica, got {message.type!r}")
         job, checkpoint = decode_replica(message.body, message.tensors)
-        known = self.replicas.get(job.name)
+        if not self._accepts(caller, job):
+            raise RpcError("forbidden", f"{caller} is not an aggregator this node backs up")
+        taken = self.handed_over.get(job.name)
+        if taken is not None and taken.aggregator == caller:
+            raise RpcError(
+                HANDED_OVER, f"this node took job {job.name} over after round {taken.round}"
+            )
+        known = self.replicas.get(job.name) or taken
         if known is not None and known.aggregator != caller:
             raise RpcError("forbidden", f"job {job.name} is backed up for {known.aggregator}")
         if known is not None and known.round >= checkpoint.round:
             return {"round": known.round}  # late or repeated: the newer one stays
         await trio.to_thread.run_sync(save_checkpoint, self.jobs_dir / job.name, checkpoint)
-        self.replicas[job.name] = Replica(job, caller, checkpoint.round)
+        replica = Replica(job, caller, checkpoint.round)
+        self.replicas[job.name] = replica
         log.debug("job %s: holding round %d of %s", job.name, checkpoint.round, caller)
+        if self._on_replica is not None:
+            self._on_replica(replica)
         return {"round": checkpoint.round}
+
+    def _status(self, body: Mapping[str, Any], caller: str) -> Mapping[str, Any]:
+        """What this node holds of the caller's job `body["job"]`; only its aggregator may
+        ask (a job's name is no secret, but who backs it up need not be told to all)."""
+        name = body.get("job")
+        if not isinstance(name, str):
+            raise RpcError("bad_request", "replica-status names a job")
+        taken = self.handed_over.get(name)
+        held = self.replicas.get(name)
+        if taken is not None and taken.aggregator == caller:
+            return {"round": taken.round, "taken_over": True}
+        if held is not None and held.aggregator == caller:
+            return {"round": held.round, "taken_over": False}
+        return {"round": 0, "taken_over": False}
 
     async def take_over(
         self,
@@ -193,6 +248,21 @@ async def push_checkpoint(
     return held
 
 
+async def replica_status(
+    node: Node, standby: str, name: str, timeout: float = PUSH_TIMEOUT
+) -> tuple[int, bool]:
+    """The round of job `name` that `standby` holds for this node, and whether it took the
+    job over."""
+    node.make_dialable(standby)
+    reply = await request(
+        node.swarm.host, standby, REPLICA_PROTOCOL, "replica-status", {"job": name}, timeout=timeout
+    )
+    held, taken = reply.body.get("round"), reply.body.get("taken_over")
+    if not isinstance(held, int) or not isinstance(taken, bool):
+        raise RpcError("bad_reply", "the standby's replica-status is malformed")
+    return held, taken
+
+
 class CheckpointPusher:
     """Pushes a job's checkpoints to its standbys, in one of two ways:
 
@@ -213,6 +283,10 @@ class CheckpointPusher:
         self._send, self._receive = trio.open_memory_channel[int](math.inf)
         self.replicated = 0
         """The newest round that every standby holds."""
+        self.attempted = 0
+        """The newest round pushed (or tried) to every standby."""
+        self.handed_over = False
+        """A standby said it took the job over: this node was counted as gone."""
         self.max_lag_s = 0.0
         """The longest a round took to reach every standby once it was on disk (`on_round`)
         or once it ended (`replicate`)."""
@@ -260,6 +334,7 @@ class CheckpointPusher:
             try:
                 held.append(await push_checkpoint(self._node, standby, self._job, checkpoint))
             except RpcError as exc:
+                self.handed_over = self.handed_over or exc.code == HANDED_OVER
                 log.warning(
                     "job %s: standby %s missed round %d: %s",
                     self._job.name,
@@ -269,18 +344,26 @@ class CheckpointPusher:
                 )
                 held.append(0)
         self.replicated = max(self.replicated, min(held, default=0))
+        self.attempted = max(self.attempted, checkpoint.round)
 
 
 async def wait_until_gone(
     node: Node, peer: str, period: float = LIVENESS_PERIOD, misses: int = LIVENESS_MISSES
-) -> None:
-    """Return once `peer` has missed `misses` pings in a row, `period` seconds apart."""
+) -> float:
+    """Return once `peer` has missed `misses` pings in a row, `period` seconds apart: the
+    trio time of its last answer (of the first ping when it never answered), the latest
+    moment it is known to have been alive."""
     missed = 0
+    last_seen = trio.current_time()
     while missed < misses:
         started = trio.current_time()
         rtt: float | None = None
         with trio.move_on_after(period):
             rtt = await node.measure_rtt(peer)
-        missed = 0 if rtt is not None else missed + 1
+        if rtt is not None:
+            missed, last_seen = 0, trio.current_time()
+        else:
+            missed += 1
         await trio.sleep(max(0.0, period - (trio.current_time() - started)))
     log.info("peer %s missed %d pings: gone", peer, misses)
+    return last_seen

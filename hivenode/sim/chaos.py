@@ -23,6 +23,9 @@ Scenarios (`Scenario`), on digits split over N trainers with label skew by defau
 - `kill-aggregator`: a standby holds every round's checkpoint (`aggregator.replication`);
   the aggregator is killed once the first trainer has done its round-`at` work, and the
   standby resumes the job once the aggregator has missed 3 pings.
+- `kill-aggregator-daemon`: the same with `hivenode run` processes: a job submitted to an
+  aggregator daemon names a standby daemon, the aggregator is SIGKILLed once it reports
+  round `at`, and the standby's job service resumes the job (`hivenode.sim.chaos_failover`).
 
 Figures (`ChaosReport`): `final_accuracy` and `baseline_accuracy` are the final models'
 accuracy on every device's test set (the same examples for both runs); `recovery_s` is the
@@ -72,6 +75,7 @@ class Scenario(Enum):
     LOSSY_LINKS = "lossy-links"
     PARTITION_HEAL = "partition-heal"
     RESTART_ALL = "restart-all"
+    KILL_AGGREGATOR_DAEMON = "kill-aggregator-daemon"
 
 
 @dataclass(frozen=True)
@@ -202,6 +206,10 @@ async def run_chaos(config: ChaosConfig, progress: Progress | None = None) -> Ch
         from hivenode.sim.chaos_restart import restart_all
 
         return await restart_all(config, devices, say)
+    if config.scenario is Scenario.KILL_AGGREGATOR_DAEMON:
+        from hivenode.sim.chaos_failover import kill_aggregator_daemon
+
+        return await kill_aggregator_daemon(config, devices, say)
     if config.scenario is Scenario.KILL_AGGREGATOR:
         from hivenode.sim.chaos_aggregator import kill_aggregator_run
 
@@ -231,7 +239,7 @@ def _check(config: ChaosConfig) -> None:
         raise ChaosError(
             f"--loss must be in [0, 1) and --jitter ≥ 0 ({config.loss}, {config.jitter_s})"
         )
-    everyone = (Scenario.KILL_AGGREGATOR, Scenario.RESTART_ALL)
+    everyone = (Scenario.KILL_AGGREGATOR, Scenario.RESTART_ALL, Scenario.KILL_AGGREGATOR_DAEMON)
     if config.scenario not in everyone and config.affected < 1:
         raise ChaosError(f"--fraction {config.share} of {config.nodes} trainers is nobody")
     byzantine = config.scenario is Scenario.BYZANTINE

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,13 @@ POLL_PERIOD = 0.5
 class Daemon:
     """A `hivenode run` child process with its own state and runtime dirs."""
 
-    def __init__(self, base: Path, index: int, bootstrap: list[str]) -> None:
+    def __init__(
+        self,
+        base: Path,
+        index: int,
+        bootstrap: list[str],
+        env: Mapping[str, str] | None = None,
+    ) -> None:
         self.dir = base / f"node{index}"
         self.socket = self.dir / "run" / SOCKET_NAME
         args = [
@@ -42,13 +49,16 @@ class Daemon:
         ]
         for addr in bootstrap:
             args += ["--bootstrap", addr]
-        env = isolated_environment()
+        environment = isolated_environment()
         # many daemons share this machine: one framework thread each, or their thread pools
         # spin against each other (measured: a 0.1 s round took 4-10 s with five daemons)
-        env.setdefault("OMP_NUM_THREADS", "1")
+        environment.setdefault("OMP_NUM_THREADS", "1")
+        environment.update(env or {})
         self.dir.mkdir(parents=True, exist_ok=True)
         self.log = (self.dir / "log").open("wb")
-        self.process = subprocess.Popen(args, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(
+            args, env=environment, stdout=self.log, stderr=subprocess.STDOUT
+        )
 
     def ask(self, path: str) -> Any:
         return call(self.socket, "GET", path, timeout=10.0)
