@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -199,6 +200,10 @@ class Phase:
     retried: int = 0
     seconds: float = 0.0
     per_worker: dict[str, int] = field(default_factory=dict)
+    cpu_s: dict[str, float] = field(default_factory=dict)
+    """CPU seconds (user + system) each process spent in the phase: 'client', the workers."""
+    machine_busy: float | None = None
+    """The whole machine's busy share over the phase (every core, every process)."""
 
     def figures(self) -> dict[str, Any]:
         return {
@@ -211,6 +216,16 @@ class Phase:
             "retried": self.retried,
             "failure_codes": dict(Counter(code for _, code in self.failures)),
             "per_worker": dict(sorted(self.per_worker.items())),
+            # cores' worth of CPU each side used: where throughput stops growing with workers
+            "client_cores": rounded(self.cpu_s.get("client", 0.0) / self.seconds, 2)
+            if self.seconds
+            else None,
+            "worker_cores": rounded(
+                sum(v for k, v in self.cpu_s.items() if k != "client") / self.seconds, 2
+            )
+            if self.seconds
+            else None,
+            "machine_busy": rounded(self.machine_busy, 2),
         }
 
 
@@ -221,10 +236,14 @@ async def load(
     clients: int,
     seconds: float,
     kill: Worker | None = None,
+    processes: dict[str, int] | None = None,
 ) -> tuple[Phase, float | None]:
     """C clients back to back on `workers` for `seconds` (after a warm-up that does not
     count); with `kill`, that worker is SIGKILLed halfway. Returns the phase and when the
-    kill happened (perf_counter)."""
+    kill happened (perf_counter). `processes` (name → pid, this one is 'client'): their CPU
+    seconds over the phase are measured."""
+    import psutil
+
     from hivenode.inference.errors import InferenceError
 
     x = inputs(name)
@@ -258,6 +277,9 @@ async def load(
         warm_until = time.perf_counter() + WARMUP_S
         for _ in range(clients):
             nursery.start_soon(client, warm_until, False)
+    watched = {name: psutil.Process(pid) for name, pid in (processes or {}).items()}
+    before = {name: _cpu_s(proc) for name, proc in watched.items()}
+    psutil.cpu_percent()  # starts the machine-wide interval
     started = time.perf_counter()
     async with trio.open_nursery() as nursery:
         for _ in range(clients):
@@ -265,7 +287,16 @@ async def load(
         if kill is not None:
             nursery.start_soon(killer)
     phase.seconds = time.perf_counter() - started
+    phase.machine_busy = psutil.cpu_percent() / 100
+    for name, proc in watched.items():
+        with contextlib.suppress(psutil.NoSuchProcess):
+            phase.cpu_s[name] = _cpu_s(proc) - before[name]
     return phase, killed_at
+
+
+def _cpu_s(process: Any) -> float:
+    times = process.cpu_times()
+    return float(times.user + times.system)
 
 
 async def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
@@ -318,7 +349,10 @@ async def measure(args: argparse.Namespace, tmp: Path, workers: list[Worker]) ->
         scaling = {}
         for k in range(1, len(workers) + 1):
             progress(f"mlp: {args.clients} clients on {k} worker(s), {args.seconds:g} s")
-            phase, _ = await load(router, "mlp", ids[:k], args.clients, args.seconds)
+            pids = {"client": os.getpid()} | {w.peer_id[-6:]: w.process.pid for w in workers[:k]}
+            phase, _ = await load(
+                router, "mlp", ids[:k], args.clients, args.seconds, processes=pids
+            )
             scaling[k] = phase.figures()
         progress(f"mlp: 1 and {MODERATE_CLIENTS} clients on {len(ids)} workers")
         light, _ = await load(router, "mlp", ids, 1, args.seconds)
@@ -395,6 +429,11 @@ def main() -> None:
     rows: list[tuple[str, Any]] = [
         (f"mlp rps, {args.clients} clients, 1..{args.workers} workers",
          [swarm["mlp_by_workers"][k]["rps"] for k in sorted(swarm["mlp_by_workers"])]),
+        ("cores busy, client / workers / whole machine, 1..K workers",
+         [f"{swarm['mlp_by_workers'][k]['client_cores']} / "
+          f"{swarm['mlp_by_workers'][k]['worker_cores']} / "
+          f"{swarm['mlp_by_workers'][k]['machine_busy']}"
+          for k in sorted(swarm["mlp_by_workers"])]),
         ("mlp p50 / p95 ms", f"{full['p50_ms']} / {full['p95_ms']}"),
         ("mlp in-process p50 / p95 ms",
          f"{result['inprocess_p50_ms']} / {result['inprocess_p95_ms']}"),
