@@ -138,6 +138,17 @@ def show(
     )
     if job["error"]:
         out.print(f"[red]error:[/red] {job['error']}")
+    if job.get("epsilon") is not None:
+        delta = job["spec"]["privacy"]["delta"]
+        out.print(
+            f"privacy spent: ε = {job['epsilon']:.3g} at δ = {delta:g} (Rényi DP, an upper bound)"
+        )
+    if job.get("took_over"):
+        took = job["took_over"]
+        out.print(
+            f"taken over from {took['from']} at round {took['at_round']}"
+            f" ({_number(took['recovery_s'])} s without an aggregator)"
+        )
     table = Table()
     for column in (
         "round",

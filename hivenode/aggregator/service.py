@@ -98,6 +98,8 @@ class JobState:
             "accuracy": last.eval_accuracy if last else None,
             "loss": (last.global_train_loss or last.train_loss) if last else None,
             "participants": last.participants if last else 0,
+            # a DP job's privacy spent so far (ε at the job's δ); None without DP
+            "epsilon": last.epsilon if last else None,
             "error": self.error,
         }
 

@@ -76,6 +76,18 @@ def test_a_submitted_job_runs_to_the_end_on_three_daemons(three: list[Daemon]) -
     assert version["metrics"]["rounds"] == 3
     (listed,) = hub.cli_json("jobs", "list")
     assert listed["name"] == "digits" and listed["round"] == 3
+    assert listed["epsilon"] is None  # no DP, no privacy spent to report
+
+    # the same job with central DP: the privacy it spent is in `jobs show`
+    private = hub.base / "private.toml"
+    dp = '\n[privacy]\ndp = "server-fixed"\nnoise_multiplier = 1.0\nclipping_norm = 1.0\n'
+    private.write_text(JOB.format(name="private", rounds=2) + dp)
+    assert hub.cli_json("jobs", "submit", str(private))["state"] == "running"
+    done = json.loads(hub.cli("jobs", "watch", "private", "--json", timeout=180).stdout)
+    assert done["state"] == "finished", done["error"]
+    assert 0 < done["history"][0]["epsilon"] < done["history"][1]["epsilon"] == done["epsilon"]
+    shown = hub.cli("jobs", "show", "private").stdout
+    assert f"ε = {done['epsilon']:.3g} at δ = 1e-05" in shown
 
 
 def test_a_killed_aggregator_resumes_the_job_where_it_stopped(
