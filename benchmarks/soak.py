@@ -1,8 +1,8 @@
 """A swarm that runs federated jobs back to back under churn for M minutes: does its
 memory, its file descriptors or its trio tasks grow?
 
-    python benchmarks/soak.py [--json] [--minutes 30] [--nodes 20] [--seed 0]
-                              [--churn-every 15] [--strategy fedavg] [--tracemalloc]
+    python benchmarks/soak.py [--json] [--minutes 30] [--warmup-minutes 10] [--nodes 20]
+                              [--seed 0] [--churn-every 15] [--strategy fedavg] [--tracemalloc]
 
 N real libp2p nodes in this one process and trio loop (`hivenode.sim.chaos_swarm`, the
 chaos scenarios' swarm): one aggregator and N-1 trainers, each with its slice of digits.
@@ -12,10 +12,13 @@ SIGKILL would stop it, stays down 5 s, and restarts with the same key and state 
 
 The figures compare two moments taken between jobs, after a `gc.collect()`: *start*, once
 a warm-up job has imported torch, loaded every dataset and filled the peer tables, and
-*end*, after the last job. RSS and open descriptors are this process's (psutil); tasks
-are the trio task tree's size under the root task. Growth of Python objects (by type), of
-trio tasks (by name) and of descriptors (by kind) is listed to say *what* grew; with
-`--tracemalloc` the allocation sites that grew most too (slower: about 2x).
+*end*, after the last job; and, the steady state, from *after warm-up* (the first job to
+end `--warmup-minutes` in, once caches with a TTL or a cap are full) to *end*. RSS and open
+descriptors are this process's (psutil); tasks are the trio task tree's size under the
+root task. Growth of Python objects (by type), of trio tasks (by name), of descriptors (by
+kind) and of py-libp2p's pubsub containers (entries, all nodes) is listed to say *what*
+grew; with `--tracemalloc` the allocation sites that grew most after the warm-up too
+(slower: about 2x).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import tempfile
 import threading
 import time
 import tracemalloc
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -47,8 +50,11 @@ DOWN_S = 5.0
 """How long a churned trainer stays down: its peers notice, and its next advert is not
 dropped as too soon after its last one (`MIN_ADVERT_SPACING`)."""
 SERIES_EVERY_S = 30.0
-TRACE_BASELINE_SAMPLE = 2
-"""With --tracemalloc, the allocations at the end are compared with those at this sample."""
+WARMUP_MINUTES = 10.0
+"""Until then what has a TTL or a cap is still filling (measured, 20 nodes: gossip's
+equivocation store 4 minutes, its message cache 5 at the 60 s heartbeats py-libp2p's
+adaptive gossip sets, each trainer's 64 job contexts about 120 jobs, 10 minutes): growth
+is reported from the start and from here."""
 TOP = 8
 
 
@@ -173,6 +179,44 @@ def type_counts() -> Counter[str]:
     return Counter(f"{type(o).__module__}.{type(o).__qualname__}" for o in gc.get_objects())
 
 
+def libp2p_state(swarm: Any) -> Counter[str]:
+    """Entries in every container that py-libp2p's pubsub stack keeps, summed over the
+    running nodes (`GossipSub.mcache: 40`, `Pubsub.seen_messages.cache: 900`, ...): its
+    caches are where a swarm's memory can grow without a Python type saying whose it is.
+    `GossipSub.equivocation_detection.bytes` is the wire size of the messages it holds."""
+    state: Counter[str] = Counter()
+    nodes = [*swarm.aggregators, *(member.node for member in swarm.trainers)]
+    for node in (n for n in nodes if n.running):
+        router, pubsub = node.swarm.gossipsub, node.swarm.pubsub
+        parts = {
+            "GossipSub": router,
+            "GossipSub.mcache": router.mcache,
+            "GossipSub.scorer": router.scorer,
+            "Pubsub": pubsub,
+            "Pubsub.seen_messages": pubsub.seen_messages,
+            "Pubsub.validation_cache": pubsub.validation_cache,
+        }
+        for owner, obj in parts.items():
+            for attr, value in vars(obj).items():
+                if isinstance(value, dict | list | set | deque):
+                    state[f"{owner}.{attr}"] += _entries(value)
+        state["GossipSub.equivocation_detection.bytes"] += sum(
+            m.ByteSize() for m in router.equivocation_detection.values()
+        )
+        state["GossipSub.heartbeat_interval.max"] = max(
+            state["GossipSub.heartbeat_interval.max"], int(router.heartbeat_interval)
+        )
+    return state
+
+
+def _entries(container: Any) -> int:
+    """Its length, plus its values' lengths where they are containers (a dict of lists)."""
+    values = container.values() if isinstance(container, dict) else container
+    return len(container) + sum(
+        _entries(v) for v in values if isinstance(v, dict | list | set | deque)
+    )
+
+
 def growth(before: Counter[str], after: Counter[str]) -> dict[str, int]:
     """The TOP keys that grew most, with how much."""
     grown = {k: after[k] - before.get(k, 0) for k in after if after[k] > before.get(k, 0)}
@@ -194,6 +238,7 @@ class Soak:
         self.restarts = 0
         self.started = time.monotonic()
         self.series: list[Sample] = []
+        self.libp2p_series: list[dict[str, int]] = []
         self.traced: tracemalloc.Snapshot | None = None
 
     def job(self, number: int) -> Any:
@@ -244,15 +289,12 @@ class Soak:
             await swarm.restart(index)
             self.restarts += 1
 
-    async def record_series(self, stop: trio.Event) -> None:
+    async def record_series(self, swarm: Any, stop: trio.Event) -> None:
         while not stop.is_set():
             with trio.move_on_after(SERIES_EVERY_S):
                 await stop.wait()
             self.series.append(take_sample(self.started, self.jobs_completed))
-            if tracemalloc.is_tracing() and len(self.series) == TRACE_BASELINE_SAMPLE:
-                # not at start: what merely turns over (adverts, caches with a TTL) has
-                # been reallocated by now, and cancels out of the diff at the end
-                self.traced = tracemalloc.take_snapshot()
+            self.libp2p_series.append(dict(sorted(libp2p_state(swarm).items())))
             last = self.series[-1]
             progress(
                 f"{last.t_s:.0f} s: {last.jobs} jobs, RSS {last.rss_mb} MB "
@@ -262,7 +304,13 @@ class Soak:
 
 
 async def soak(
-    minutes: float, nodes: int, seed: int, churn_every: float, strategy: str, trace: bool
+    minutes: float,
+    warmup_minutes: float,
+    nodes: int,
+    seed: int,
+    churn_every: float,
+    strategy: str,
+    trace: bool,
 ) -> Any:
     from hivenode.sim.chaos_swarm import chaos_swarm, honest_trainer, training_threads
     from hivenode.sim.fl_datasets import federated_dataset
@@ -286,25 +334,47 @@ async def soak(
             types_start, tasks_start, fds_start = type_counts(), _names(), fd_kinds()
             threads_start = thread_names()
             progress(f"start: RSS {start.rss_mb} MB, {start.fds} fds, {start.tasks} tasks")
-            deadline = time.monotonic() + minutes * 60
+            libp2p_start = libp2p_state(swarm)
+            began = time.monotonic()
+            deadline, warmed_up = began + minutes * 60, began + warmup_minutes * 60
+            steady: Sample | None = None
+            libp2p_steady: Counter[str] = Counter()
+            types_steady, tasks_steady = types_start, tasks_start
             stop = trio.Event()
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(state.churn, swarm, stop)
-                nursery.start_soon(state.record_series, stop)
+                nursery.start_soon(state.record_series, swarm, stop)
                 number = 1
                 while time.monotonic() < deadline:
                     await state.run_one(hub, number)
                     number += 1
+                    if steady is None and time.monotonic() >= warmed_up:
+                        steady = take_sample(state.started, state.jobs_completed)
+                        libp2p_steady = libp2p_state(swarm)
+                        types_steady, tasks_steady = type_counts(), _names()
+                        if tracemalloc.is_tracing():
+                            # what merely turns over (adverts, caches with a TTL) has been
+                            # reallocated by now, and cancels out of the diff at the end
+                            state.traced = tracemalloc.take_snapshot()
+                        progress(f"warmed up: RSS {steady.rss_mb} MB, {steady.fds} fds")
                 stop.set()  # the churn brings a stopped trainer back before it returns
             end = take_sample(state.started, state.jobs_completed)
+            libp2p_end = libp2p_state(swarm)
             types_end, tasks_end, fds_end = type_counts(), _names(), fd_kinds()
             threads_end = thread_names()
             stacks = task_stacks(set(growth(tasks_start, tasks_end)))
             sites = _grown_sites(state.traced) if state.traced is not None else []
     return _report(
-        state, minutes, boot, start, end,
+        state, minutes, warmup_minutes, boot, start, steady, end,
         {
+            "libp2p_state": {
+                "start": dict(sorted(libp2p_start.items())),
+                "after_warmup": dict(sorted(libp2p_steady.items())),
+                "end": dict(sorted(libp2p_end.items())),
+            },
             "py_types": growth(types_start, types_end),
+            "py_types_after_warmup": growth(types_steady, types_end),
+            "task_names_after_warmup": growth(tasks_steady, tasks_end),
             "task_names": growth(tasks_start, tasks_end),
             "task_names_shrunk": growth(tasks_end, tasks_start),
             "task_stacks": stacks,
@@ -330,10 +400,18 @@ def _grown_sites(before: tracemalloc.Snapshot) -> list[str]:
 
 
 def _report(
-    state: Soak, minutes: float, boot: Sample, start: Sample, end: Sample, grew: dict[str, Any]
+    state: Soak,
+    minutes: float,
+    warmup_minutes: float,
+    boot: Sample,
+    start: Sample,
+    steady: Sample | None,
+    end: Sample,
+    grew: dict[str, Any],
 ) -> dict[str, Any]:
     return {
         "minutes": minutes,
+        "warmup_minutes": warmup_minutes,
         "nodes": state.nodes,
         "mode": "in-process: one trio loop, real libp2p hosts on 127.0.0.1",
         "jobs_completed": state.jobs_completed,
@@ -343,6 +421,7 @@ def _report(
         "rss_start_mb": start.rss_mb,
         "rss_end_mb": end.rss_mb,
         "rss_growth": round(end.rss_mb / start.rss_mb - 1, 4),
+        "after_warmup": _from_steady(steady, end),
         "fds_start": start.fds,
         "fds_end": end.fds,
         "tasks_start": start.tasks,
@@ -355,6 +434,7 @@ def _report(
         "heap_free_mb": [start.heap_free_mb, end.heap_free_mb],
         "grew": grew,
         "series": [asdict(s) for s in [start, *state.series, end]],
+        "libp2p_series": state.libp2p_series,
         "seed": state.seed,
         "strategy": state.strategy,
         "churn_every_s": state.churn_every,
@@ -366,6 +446,12 @@ def _report(
 def main() -> int:
     parser = make_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--minutes", type=float, default=30.0, help="how long jobs keep coming")
+    parser.add_argument(
+        "--warmup-minutes",
+        type=float,
+        default=None,
+        help=f"growth is also measured from here (default {WARMUP_MINUTES:g}, at most half)",
+    )
     parser.add_argument("--nodes", type=int, default=20, help="1 aggregator + N-1 trainers")
     parser.add_argument("--seed", type=int, default=0, help="which trainer churns when")
     parser.add_argument("--churn-every", type=float, default=15.0, help="seconds ±50 %%; 0: none")
@@ -375,8 +461,18 @@ def main() -> int:
     if args.nodes < CLIENTS_PER_ROUND + 1:
         parser.error(f"--nodes must be at least {CLIENTS_PER_ROUND + 1}")
     load_start = [round(x, 2) for x in os.getloadavg()]
+    warmup = args.warmup_minutes
+    if warmup is None:
+        warmup = min(WARMUP_MINUTES, args.minutes / 2)
     result = trio.run(
-        soak, args.minutes, args.nodes, args.seed, args.churn_every, args.strategy, args.tracemalloc
+        soak,
+        args.minutes,
+        warmup,
+        args.nodes,
+        args.seed,
+        args.churn_every,
+        args.strategy,
+        args.tracemalloc,
     )
     result["load"] = {"start": load_start, "end": result["load"]}
     rows = [
@@ -385,17 +481,62 @@ def main() -> int:
         ("trainer restarts", result["restarts"]),
         ("RSS start → end", f"{result['rss_start_mb']} → {result['rss_end_mb']} MB"),
         ("RSS growth (target ≤ 10 %)", f"{100 * result['rss_growth']:.1f} %"),
+        ("after warm-up", _after_warmup_row(result)),
         ("fds start → end", f"{result['fds_start']} → {result['fds_end']}"),
         ("trio tasks start → end", f"{result['tasks_start']} → {result['tasks_end']}"),
         ("threads start → end", f"{result['threads_start']} → {result['threads_end']}"),
         ("malloc in use start → end", " → ".join(f"{x} MB" for x in result["heap_in_use_mb"])),
         ("malloc free start → end", " → ".join(f"{x} MB" for x in result["heap_free_mb"])),
         ("Python types that grew", result["grew"]["py_types"]),
+        ("... after warm-up", result["grew"]["py_types_after_warmup"]),
+        ("trio tasks that grew after warm-up", result["grew"]["task_names_after_warmup"]),
+        ("libp2p state that grew", _libp2p_growth(result["grew"]["libp2p_state"])),
         ("load (1/5/15 min) start, end", f"{result['load']['start']}, {result['load']['end']}"),
     ]
     title = f"soak: {result['nodes']} nodes, {result['minutes']:g} minutes"
     emit(result, args.json, rows, title)
     return 0
+
+
+def _from_steady(steady: Sample | None, end: Sample) -> dict[str, Any] | None:
+    """The figures measured from the end of the warm-up, None if the run ended first."""
+    if steady is None:
+        return None
+    return {
+        "t_s": steady.t_s,
+        "jobs": steady.jobs,
+        "rss_mb": steady.rss_mb,
+        "rss_growth": round(end.rss_mb / steady.rss_mb - 1, 4),
+        "rss_mb_per_hour": round(
+            (end.rss_mb - steady.rss_mb) / max(end.t_s - steady.t_s, 1.0) * 3600, 1
+        ),
+        "fds": steady.fds,
+        "tasks": steady.tasks,
+        "threads": steady.threads,
+        "heap_in_use_mb": steady.heap_in_use_mb,
+    }
+
+
+def _after_warmup_row(result: dict[str, Any]) -> str:
+    steady = result["after_warmup"]
+    if steady is None:
+        return "not reached (the run ended first)"
+    return (
+        f"from {steady['t_s'] / 60:.1f} min: {steady['rss_mb']} → {result['rss_end_mb']} MB "
+        f"({100 * steady['rss_growth']:+.1f} %, {steady['rss_mb_per_hour']:+} MB/h), "
+        f"fds {steady['fds']} → {result['fds_end']}, tasks {steady['tasks']} → "
+        f"{result['tasks_end']}, threads {steady['threads']} → {result['threads_end']}"
+    )
+
+
+def _libp2p_growth(state: dict[str, dict[str, int]]) -> dict[str, str]:
+    """Containers whose size at the end differs from after warm-up: `start → warm → end`."""
+    start, steady, end = state["start"], state["after_warmup"] or state["start"], state["end"]
+    return {
+        key: f"{start.get(key, 0)} → {steady.get(key, 0)} → {end[key]}"
+        for key in end
+        if end[key] > steady.get(key, 0) and end[key] > 0
+    }
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 py-libp2p pitfalls this module exists to handle (measured): the Pubsub and GossipSub services
 must run before any dial or connect deadlocks; the default 120 s heartbeat stalls mesh
 repair; spam protection drops a forwarder's messages over 10/s per topic, which a hub relaying
-every origin's adverts exceeds at once.
+every origin's adverts exceeds at once; two of its stores grow with time unless bounded
+here (the equivocation store, the seen-cache's sweeper thread).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -22,6 +24,15 @@ if TYPE_CHECKING:
     from libp2p.crypto.keys import KeyPair
 
 log = logging.getLogger(__name__)
+
+GOSSIP_SEEN_TTL = 120
+"""Seconds a node remembers a gossip message's id after its last copy (py-libp2p's default;
+its sweeper forgets the id up to 60 s later), and its validation result."""
+EQUIVOCATION_MEMORY = 2 * GOSSIP_SEEN_TTL
+"""Seconds a node keeps a received message to compare a later copy with. py-libp2p checks
+only copies its seen-cache let through, that is those that came once the cache forgot the
+id, so this outlasts the cache; later still, hivenode's own records refuse a replayed or
+reused (origin, seq)."""
 
 
 @dataclass
@@ -74,15 +85,52 @@ async def running_host(
         heartbeat_interval=gossip.heartbeat_interval,
         max_messages_per_topic_per_second=gossip.max_messages_per_topic_per_second,
     )
-    pubsub = _hardened_pubsub_class()(host, router)
+    # a validation result is looked up only for a copy the seen-cache let through, one that
+    # came after it forgot the id: results need not outlive ids (py-libp2p keeps them 300 s)
+    pubsub = _hardened_pubsub_class()(
+        host, router, seen_ttl=GOSSIP_SEEN_TTL, validation_cache_ttl=GOSSIP_SEEN_TTL
+    )
+    router.equivocation_detection = RecentMessages(EQUIVOCATION_MEMORY)
     addrs = [multiaddr.Multiaddr(a) for a in listen_addrs]
-    async with host.run(addrs), background_trio_service(pubsub), background_trio_service(router):
-        await pubsub.wait_until_ready()
-        # py-libp2p numbers gossip from the wall clock in seconds, one per message: a node
-        # restarted soon after it published much would reuse numbers its peers still hold as
-        # seen, and they would drop its messages; nanoseconds leave no overlap
-        pubsub.counter = time.time_ns()
-        yield SwarmHost(host, pubsub, router)
+    try:
+        async with (
+            host.run(addrs),
+            background_trio_service(pubsub),
+            background_trio_service(router),
+        ):
+            await pubsub.wait_until_ready()
+            # py-libp2p numbers gossip from the wall clock in seconds, one per message: a node
+            # restarted soon after it published much would reuse numbers its peers still hold
+            # as seen, and they would drop its messages; nanoseconds leave no overlap
+            pubsub.counter = time.time_ns()
+            yield SwarmHost(host, pubsub, router)
+    finally:
+        # the seen-cache's sweeper is a thread that nothing in py-libp2p stops: one more
+        # thread, and its cache, for every host a process has stopped
+        pubsub.seen_messages.stop()
+
+
+class RecentMessages(dict[bytes, Any]):
+    """GossipSub's `equivocation_detection`, forgetting a message `ttl` seconds after it came.
+
+    py-libp2p keeps there every message a node receives, payload included, to notice an
+    origin that sends two different messages under one sequence number, and prunes only
+    above 1,000 per node (measured in a 20-node swarm: 0.7 MB more a minute, until every
+    node held its 1,000); it has no option for this.
+    """
+
+    def __init__(self, ttl: float) -> None:
+        super().__init__()
+        self.ttl = ttl
+        self._arrivals: deque[tuple[float, bytes]] = deque()
+
+    def __setitem__(self, msg_key: bytes, message: Any) -> None:
+        now = time.monotonic()
+        while self._arrivals and now - self._arrivals[0][0] >= self.ttl:
+            _, old = self._arrivals.popleft()
+            self.pop(old, None)  # py-libp2p's own pruning may have dropped it already
+        super().__setitem__(msg_key, message)
+        self._arrivals.append((now, msg_key))
 
 
 def _hardened_pubsub_class() -> Any:
