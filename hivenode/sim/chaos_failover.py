@@ -32,7 +32,7 @@ import trio
 from hivenode.agent.control_client import ControlError, call
 from hivenode.models.training.backend import LocalData
 from hivenode.sim.chaos import ChaosConfig, ChaosError, ChaosReport, Progress, accuracy_on_all
-from hivenode.sim.chaos_restart import JOB, START_TIMEOUT_S, _add_data
+from hivenode.sim.chaos_restart import JOB, START_TIMEOUT_S, add_data
 from hivenode.sim.swarm_processes import Daemon
 
 JOB_TIMEOUT_S = 600.0
@@ -105,7 +105,7 @@ def _kill_aggregator_daemon(
         swarm = _Swarm(Path(tmp), config.nodes)
         try:
             for index, device in zip(swarm.trainer_indices, devices, strict=True):
-                _add_data(swarm.node_dir(index), device)
+                add_data(swarm.node_dir(index), device)
             say(f"kill-aggregator-daemon: standby, aggregator and {config.nodes} trainer daemons")
             swarm.start()
             standby_id = str(swarm.standby.ask("/v1/status")["peer_id"])

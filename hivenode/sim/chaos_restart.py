@@ -102,7 +102,7 @@ def _restart_all(config: ChaosConfig, devices: Sequence[LocalData], say: Progres
         swarm = _Swarm(Path(tmp), config.nodes)
         try:
             for index, device in enumerate(devices):
-                _add_data(swarm.base / f"node{index}", device)
+                add_data(swarm.base / f"node{index}", device)
             say(f"restart-all: starting {config.nodes} daemons")
             swarm.start()
             say("restart-all: baseline job")
@@ -169,7 +169,7 @@ def _hivenode() -> str:
     return str(Path(sys.executable).parent / "hivenode")
 
 
-def _add_data(node_dir: Path, device: LocalData) -> None:
+def add_data(node_dir: Path, device: LocalData) -> None:
     from hivenode.sim.fl_datasets import save_partition
 
     node_dir.mkdir(parents=True, exist_ok=True)
