@@ -333,9 +333,30 @@ class StreamPool:
 
 async def open_stream(host: Any, peer_id: str, protocol_id: str) -> Any:
     from libp2p.custom_types import TProtocol
+    from libp2p.network.exceptions import SwarmException
     from libp2p.peer.id import ID
 
-    return await host.new_stream(ID.from_base58(peer_id), [TProtocol(protocol_id)])
+    peer, protocols = ID.from_base58(peer_id), [TProtocol(protocol_id)]
+    try:
+        return await host.new_stream(peer, protocols)
+    except SwarmException:
+        # py-libp2p 0.8 can keep a connection that closed under it (e.g. the loser of two
+        # peers dialling each other at once) in its list; while one is listed, new_stream
+        # neither uses it nor dials: "No valid connections". Forget it and dial once more.
+        if not forget_closed_connections(host, peer):
+            raise
+        return await host.new_stream(peer, protocols)
+
+
+def forget_closed_connections(host: Any, peer: Any) -> int:
+    """Drop `peer`'s closed connections from the swarm's records; how many there were."""
+    network = host.get_network()
+    closed = [c for c in list(network.connections.get(peer, ())) if c.is_closed]
+    for connection in closed:
+        network.remove_conn(connection)
+    if closed:
+        log.info("forgot %d closed connection(s) to %s", len(closed), peer)
+    return len(closed)
 
 
 def _request_message(

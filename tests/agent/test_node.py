@@ -233,3 +233,21 @@ async def test_a_malformed_pubsub_rpc_does_not_take_the_node_down(tmp_path: Path
         status = await friend.remote_status(hub.peer_id)
         assert status["peer_id"] == hub.peer_id
         await wait_until(lambda: friend.peer_id in hub.peer_table, 15, "gossip still flows")
+
+
+async def test_a_closed_connection_left_in_the_swarm_records_is_replaced(tmp_path: Path) -> None:
+    from libp2p.peer.id import ID
+
+    async with local_swarm(tmp_path) as start:
+        hub = await start("hub")
+        leaf = await start("leaf", bootstrap=[hub])
+        await request(leaf.swarm.host, hub.peer_id, STATUS_PROTOCOL, "status", timeout=5)
+        network, peer = leaf.swarm.host.get_network(), ID.from_base58(hub.peer_id)
+        (connection,) = network.connections[peer]
+        await connection.close()
+        # what py-libp2p 0.8 is left with when a connection closes under it unnoticed (the
+        # loser of a simultaneous dial): the closed one still listed, so it never dials
+        network.connections[peer] = [connection]
+        reply = await request(leaf.swarm.host, hub.peer_id, STATUS_PROTOCOL, "status", timeout=5)
+        assert reply.body["peer_id"] == hub.peer_id
+        assert all(not c.is_closed for c in network.connections[peer])
