@@ -134,7 +134,9 @@ def test_an_undocumented_exception_is_a_crash_shrunk_to_its_smallest_input() -> 
         if len(data) >= 3:
             raise KeyError(data)
 
-    tally = run_hypothesis(Runner(_target(feed), "hypothesis", DEADLINE_S, None), 0.5, 0)
+    tally = run_hypothesis(
+        Runner(_target(feed), "hypothesis", DEADLINE_S, None), 0.5, 0, min_inputs=MIN_INPUTS
+    )
     [finding] = tally.findings.values()
     assert finding.kind == "crash" and finding.error.startswith("KeyError")
     assert len(finding.data) == 3
@@ -144,7 +146,9 @@ def test_a_documented_error_is_a_refusal_not_a_crash() -> None:
     def feed(data: bytes) -> None:
         raise ValueError("refused")
 
-    tally = run_hypothesis(Runner(_target(feed), "hypothesis", DEADLINE_S, None), 0.2, 0)
+    tally = run_hypothesis(
+        Runner(_target(feed), "hypothesis", DEADLINE_S, None), 0.2, 0, min_inputs=MIN_INPUTS
+    )
     assert tally.findings == {} and tally.refused == tally.inputs > 0
 
 
