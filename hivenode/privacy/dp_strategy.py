@@ -59,19 +59,19 @@ def _averaged(replies: list[Message], sampled: int) -> int:
     return sum(1 for r in replies if not r.has_error()) or sampled
 
 
-class ServerSideDP(DifferentialPrivacyServerSideFixedClipping):
-    """Flower's server-side fixed clipping wrapper, accounted in `accountant`."""
+class _Accounted(Strategy):
+    """What both wrappers change (see the module docstring); first in their bases, so that
+    its `super()` is Flower's wrapper."""
 
-    def __init__(self, strategy: Strategy, accountant: GaussianAccountant, sampled: int) -> None:
-        super().__init__(strategy, accountant.noise_multiplier, accountant.clipping_norm, sampled)
-        self.ledger = accountant
+    ledger: GaussianAccountant
+    num_sampled_clients: int
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         listed = _unweighted(replies)
         self.num_sampled_clients = _averaged(listed, self.num_sampled_clients)
-        arrays, metrics = super().aggregate_train(server_round, listed)
+        arrays, metrics = super().aggregate_train(server_round, listed)  # type: ignore[safe-super]
         if arrays is not None:
             self.ledger.compose()
         return arrays, metrics
@@ -79,28 +79,25 @@ class ServerSideDP(DifferentialPrivacyServerSideFixedClipping):
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
-        return super().aggregate_evaluate(server_round, _by_examples(replies))
+        return super().aggregate_evaluate(server_round, _by_examples(replies))  # type: ignore[safe-super]
 
 
-class ClientSideDP(DifferentialPrivacyClientSideFixedClipping):
+class ServerSideDP(_Accounted, DifferentialPrivacyServerSideFixedClipping):
+    """Flower's server-side fixed clipping wrapper, accounted in `accountant`."""
+
+    def __init__(self, strategy: Strategy, accountant: GaussianAccountant, sampled: int) -> None:
+        DifferentialPrivacyServerSideFixedClipping.__init__(
+            self, strategy, accountant.noise_multiplier, accountant.clipping_norm, sampled
+        )
+        self.ledger = accountant
+
+
+class ClientSideDP(_Accounted, DifferentialPrivacyClientSideFixedClipping):
     """Flower's client-side fixed clipping wrapper (trainers run `fixedclipping_mod`),
     accounted in `accountant`."""
 
     def __init__(self, strategy: Strategy, accountant: GaussianAccountant, sampled: int) -> None:
-        super().__init__(strategy, accountant.noise_multiplier, accountant.clipping_norm, sampled)
+        DifferentialPrivacyClientSideFixedClipping.__init__(
+            self, strategy, accountant.noise_multiplier, accountant.clipping_norm, sampled
+        )
         self.ledger = accountant
-
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        listed = _unweighted(replies)
-        self.num_sampled_clients = _averaged(listed, self.num_sampled_clients)
-        arrays, metrics = super().aggregate_train(server_round, listed)
-        if arrays is not None:
-            self.ledger.compose()
-        return arrays, metrics
-
-    def aggregate_evaluate(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> MetricRecord | None:
-        return super().aggregate_evaluate(server_round, _by_examples(replies))
