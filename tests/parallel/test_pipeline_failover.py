@@ -14,6 +14,7 @@ import trio
 import typer
 from click.testing import Result
 from parallel_data import teacher_dataset
+from pipeline_run import train_three_stages
 from typer.testing import CliRunner
 
 from hivenode.agent.errors import RpcError
@@ -140,18 +141,8 @@ async def _train(swarm: LocalNodes, outcome: Outcome, victim: LocalNode, kill: S
 async def _uninterrupted(tmp_path: Path, batches: Batches) -> dict[str, torch.Tensor]:
     """The same pipeline without fail-over and without a failure: the final weights."""
     config = PipelineConfig("pp-uninterrupted", RECIPE, SGD, steps=STEPS, micro_batches=4)
-    cuts = stage_cuts(RECIPE, STAGES)
-    async with local_nodes(tmp_path) as swarm:
-        nodes = [await swarm.start() for _ in range(STAGES)]
-        peers = [n.peer_id for n in nodes]
-        stages = [Stage(n.node, n.router, config, peers, i, cuts) for i, n in enumerate(nodes)]
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(stages[0].train, batches)
-            for stage in stages[1:]:
-                nursery.start_soon(stage.train)
-        for stage in stages:
-            await stage.aclose()
-    return {name: t for stage in stages for name, t in stage.state().items()}
+    _, weights = await train_three_stages(tmp_path, config, batches)  # STAGES is 3
+    return weights
 
 
 def _final_stages(outcome: Outcome) -> list[Stage]:
