@@ -5,13 +5,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 
-
-@dataclass(frozen=True)
-class Rate:
-    """`per_s` requests a second on average, `burst` at once after a quiet spell."""
-
-    per_s: float
-    burst: int
+from hivenode.agent.settings import RequestRate
 
 
 @dataclass
@@ -34,7 +28,7 @@ class RateLimiter:
     changes nothing: a fresh one starts full, as the old one would be by then.
     """
 
-    def __init__(self, idle_s: float, max_buckets: int, rates: list[Rate]) -> None:
+    def __init__(self, idle_s: float, max_buckets: int, rates: list[RequestRate]) -> None:
         longest_fill = max((r.burst / r.per_s for r in rates), default=0.0)
         self.forget_after = max(idle_s, longest_fill)
         self.max_buckets = max_buckets
@@ -43,7 +37,7 @@ class RateLimiter:
     def __len__(self) -> int:
         return len(self._buckets)
 
-    def admit(self, key: tuple[str, str], rate: Rate, now: float) -> float | None:
+    def admit(self, key: tuple[str, str], rate: RequestRate, now: float) -> float | None:
         """None when the request may go ahead (one token spent), else the seconds until
         the key's next token."""
         self._forget_idle(now)

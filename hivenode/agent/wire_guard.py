@@ -14,9 +14,9 @@ from typing import Final
 
 from hivenode.agent.blob_transfer import BLOB_PROTOCOL
 from hivenode.agent.errors import RpcError
-from hivenode.agent.rate_limit import Rate, RateLimiter
+from hivenode.agent.rate_limit import RateLimiter
 from hivenode.agent.rpc import RATE_LIMITED
-from hivenode.agent.settings import RateLimitSettings, SecuritySettings
+from hivenode.agent.settings import RateLimitSettings, RequestRate, SecuritySettings
 from hivenode.protocol.ids import (
     ALLREDUCE_PROTOCOL,
     DEPLOY_PROTOCOL,
@@ -122,9 +122,9 @@ class WireGuard:
             )
 
 
-def _rates(limits: RateLimitSettings) -> dict[RateClass, Rate]:
+def _rates(limits: RateLimitSettings) -> dict[RateClass, RequestRate]:
     return {
-        RateClass.CONTROL: Rate(limits.control.per_s, limits.control.burst),
-        RateClass.JOB: Rate(limits.job.per_s, limits.job.burst),
-        RateClass.DATA: Rate(limits.data.per_s, limits.data.burst),
+        RateClass.CONTROL: limits.control,
+        RateClass.JOB: limits.job,
+        RateClass.DATA: limits.data,
     }

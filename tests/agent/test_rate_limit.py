@@ -14,8 +14,8 @@ from swarm_helpers import local_swarm
 from hivenode.agent import rpc
 from hivenode.agent.errors import RpcError
 from hivenode.agent.node import Node
-from hivenode.agent.rate_limit import Rate, RateLimiter
-from hivenode.agent.settings import RateLimitSettings, load_settings
+from hivenode.agent.rate_limit import RateLimiter
+from hivenode.agent.settings import RateLimitSettings, RequestRate, load_settings
 from hivenode.protocol.ids import STATUS_PROTOCOL
 from hivenode.protocol.message import Message
 
@@ -97,7 +97,7 @@ async def test_a_session_stream_goes_on_after_a_refusal(tmp_path: Path) -> None:
 
 
 def test_a_bucket_refills_at_its_rate_up_to_its_burst() -> None:
-    rate = Rate(per_s=2.0, burst=3)
+    rate = RequestRate(per_s=2.0, burst=3)
     limiter = RateLimiter(idle_s=60, max_buckets=10, rates=[rate])
     key = ("peer", "/p")
     assert [limiter.admit(key, rate, now=0.0) for _ in range(3)] == [None, None, None]
@@ -108,7 +108,7 @@ def test_a_bucket_refills_at_its_rate_up_to_its_burst() -> None:
 
 
 def test_buckets_of_peers_gone_quiet_are_forgotten() -> None:
-    rate = Rate(per_s=10.0, burst=20)
+    rate = RequestRate(per_s=10.0, burst=20)
     limiter = RateLimiter(idle_s=30, max_buckets=100_000, rates=[rate])
     for i in range(1000):
         limiter.admit((f"peer{i}", "/p"), rate, now=i * 0.01)
@@ -118,7 +118,7 @@ def test_buckets_of_peers_gone_quiet_are_forgotten() -> None:
 
 
 def test_the_table_never_holds_more_than_max_buckets() -> None:
-    rate = Rate(per_s=10.0, burst=20)
+    rate = RequestRate(per_s=10.0, burst=20)
     limiter = RateLimiter(idle_s=3600, max_buckets=100, rates=[rate])
     for i in range(5000):
         limiter.admit((f"peer{i}", "/p"), rate, now=0.0)
@@ -130,7 +130,7 @@ def test_the_table_never_holds_more_than_max_buckets() -> None:
 
 def test_forgetting_a_bucket_never_hands_out_tokens_early() -> None:
     """A bucket is kept at least until it would be full again, whatever idle_s says."""
-    slow = Rate(per_s=0.1, burst=10)  # 100 s to fill
+    slow = RequestRate(per_s=0.1, burst=10)  # 100 s to fill
     limiter = RateLimiter(idle_s=1, max_buckets=10, rates=[slow])
     assert limiter.forget_after == pytest.approx(100.0)
 
