@@ -112,10 +112,16 @@ class WireGuard:
             f"{protocol_id}; retry in {retry_in:.3f} s",
         )
 
+    def takes_work_from(self, caller: str) -> bool:
+        """Whether `caller` may make this node work for a job (submit one, hand one over)."""
+        return (
+            self.settings.accept_public_work
+            or caller == self.own_peer_id
+            or caller in self._submitters
+        )
+
     def _check_allowed(self, protocol_id: str, caller: str) -> None:
-        if self.settings.accept_public_work or protocol_id not in JOB_PROTOCOLS:
-            return
-        if caller not in self._submitters:
+        if protocol_id in JOB_PROTOCOLS and not self.takes_work_from(caller):
             raise RpcError(
                 NOT_ALLOWED,
                 f"this node takes jobs only from its security.job_submitters; {caller} is not one",

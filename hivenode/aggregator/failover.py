@@ -92,8 +92,7 @@ def accepts_replica(node: Node, caller: str, job: JobSpec) -> bool:
     "auto": the caller ranked it first among the aggregators it sees), and `caller` may
     make it work (taking a job over is running it: `security.accept_public_work`, else
     `security.job_submitters`, as for any job's work)."""
-    security = node.settings.security
-    if not (security.accept_public_work or caller in security.job_submitters):
+    if not node.wire_guard.takes_work_from(caller):
         return False
     if job.flower_app is not None or job.parallel is not None:
         return False  # run_job resumes jobs of the built-in federated app only
